@@ -1,0 +1,127 @@
+"""The ``lightning-adamw`` command: a LightningCLI that keeps the decay / no-decay groups intact.
+
+Stock LightningCLI turns a top-level ``optimizer:`` (or ``--optimizer AdamW``) into
+``AdamW(model.parameters())`` and replaces the module's ``configure_optimizers``: the no-decay group is
+silently lost and norms and biases are decayed. :class:`AdamWCLI` hands such an optimizer (and
+``lr_scheduler``) to modules that use :class:`~lightning_adamw.DecoupledWeightDecayMixin` as factories instead,
+so they receive the groups, built after the strategy has wrapped the model (FSDP-safe). Other modules get the
+stock behaviour.
+
+Run ``lightning-adamw fit`` with no config to train the built-in digits classifier with a CSV logger.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, instantiate_class
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities import rank_zero_info
+
+from lightning_adamw.mixin import DecoupledWeightDecayMixin
+
+__all__ = ["AdamWCLI", "main"]
+
+DEFAULT_MODEL = "lightning_adamw.demo.DigitsClassifier"
+DEFAULT_DATA = "lightning_adamw.demo.DigitsDataModule"
+
+
+class AdamWCLI(LightningCLI):
+    """LightningCLI with the built-in digits job as default and group-preserving top-level optimizers.
+
+    Any LightningModule / LightningDataModule can be chosen with ``--model`` / ``--data`` (class paths), so a
+    user's own model runs with the same configs. The default logger is a ``CSVLogger`` under
+    ``lightning_logs/``.
+
+    Example::
+
+        lightning-adamw fit --config configs/quickstart.yaml
+        lightning-adamw fit --optimizer AdamW --optimizer.lr 1e-3 --optimizer.weight_decay 0.1
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("seed_everything_default", 0)
+        parser_kwargs = kwargs.setdefault("parser_kwargs", {})
+        parser_kwargs.setdefault("prog", "lightning-adamw")
+        super().__init__(*args, **kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.set_defaults(
+            {
+                "model": {"class_path": DEFAULT_MODEL},
+                "data": {"class_path": DEFAULT_DATA},
+                "trainer.logger": {
+                    "class_path": f"{CSVLogger.__module__}.CSVLogger",
+                    "init_args": {"save_dir": "."},
+                },
+            }
+        )
+
+    def after_fit(self) -> None:
+        """Print the final validation metrics, so a run ends with its result."""
+        self._print_metrics("fit", prefixes=("val",))
+
+    def after_validate(self) -> None:
+        self._print_metrics("validate", prefixes=("val",))
+
+    def after_test(self) -> None:
+        self._print_metrics("test", prefixes=("test",))
+
+    def _print_metrics(self, stage: str, prefixes: tuple[str, ...]) -> None:
+        metrics = {
+            k: float(v)
+            for k, v in sorted(self.trainer.callback_metrics.items())
+            if k.startswith(prefixes) and getattr(v, "numel", lambda: 1)() == 1
+        }
+        if metrics:
+            shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+            rank_zero_info(f"lightning-adamw {stage} finished: {shown}")
+
+    def _add_configure_optimizers_method_to_model(self, subcommand: str | None) -> None:
+        if not isinstance(self.model, DecoupledWeightDecayMixin):
+            super()._add_configure_optimizers_method_to_model(subcommand)
+            return
+        optimizer_init, scheduler_init = self._top_level_inits(subcommand)
+        if optimizer_init is not None:
+            self.model._lightning_adamw_optimizer_factory = _Factory(optimizer_init)
+            rank_zero_info(
+                f"lightning-adamw: top-level optimizer {optimizer_init['class_path']} receives the decay / no-decay "
+                "parameter groups"
+            )
+        if scheduler_init is not None:
+            self.model._lightning_adamw_scheduler_factory = _Factory(scheduler_init)
+
+    def _top_level_inits(self, subcommand: str | None) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        """The ``optimizer`` / ``lr_scheduler`` configs LightningCLI registered as automatic, if given."""
+        if not self.auto_configure_optimizers:
+            return None, None
+        parser = self._parser(subcommand)
+        found: list[dict[str, Any] | None] = []
+        for register in (parser._optimizers, parser._lr_schedulers):
+            keys = [key for key, (_, link_to) in register.items() if link_to == "AUTOMATIC"]
+            init = self._get(self.config_init, keys[0]) if len(keys) == 1 else None
+            if init and not isinstance(init, dict):  # jsonargparse Namespace
+                init = init.as_dict() if hasattr(init, "as_dict") else dict(init)
+            found.append(init or None)
+        return found[0], found[1]
+
+
+class _Factory:
+    """Instantiates a ``{class_path, init_args}`` config with a first positional argument (groups or optimizer)."""
+
+    def __init__(self, init: dict[str, Any]) -> None:
+        self.init = init
+
+    def __call__(self, first: Any) -> Any:
+        return instantiate_class(first, self.init)
+
+    def __repr__(self) -> str:
+        return f"_Factory({self.init.get('class_path')})"
+
+
+def main(args: Sequence[str] | None = None) -> None:
+    """Entry point of the ``lightning-adamw`` console script and ``python -m lightning_adamw``."""
+    AdamWCLI(args=list(args) if args is not None else None)
