@@ -7,7 +7,8 @@ silently lost and norms and biases are decayed. :class:`AdamWCLI` hands such an 
 so they receive the groups, built after the strategy has wrapped the model (FSDP-safe). Other modules get the
 stock behaviour.
 
-Run ``lightning-adamw fit`` with no config to train the built-in digits classifier with a CSV logger.
+Run ``lightning-adamw fit --config configs/quickstart.yaml`` to train the built-in digits classifier
+(``lightning_adamw.demo``) with the default CSV logger.
 """
 
 from __future__ import annotations
@@ -23,12 +24,10 @@ from lightning_adamw.mixin import DecoupledWeightDecayMixin
 
 __all__ = ["AdamWCLI", "main"]
 
-DEFAULT_MODEL = "lightning_adamw.demo.DigitsClassifier"
-DEFAULT_DATA = "lightning_adamw.demo.DigitsDataModule"
 
 
 class AdamWCLI(LightningCLI):
-    """LightningCLI with the built-in digits job as default and group-preserving top-level optimizers.
+    """LightningCLI with group-preserving top-level optimizers and a CSV logger by default.
 
     Any LightningModule / LightningDataModule can be chosen with ``--model`` / ``--data`` (class paths), so a
     user's own model runs with the same configs. The default logger is a ``CSVLogger`` under
@@ -49,15 +48,11 @@ class AdamWCLI(LightningCLI):
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # Only the logger gets a default. A default *model* would leak: jsonargparse keeps the init_args of the
+        # default class that the user's class also accepts (lr, weight_decay, batch_size...) when --model
+        # changes the class_path, so a user's model would silently train with the demo's hyperparameters.
         parser.set_defaults(
-            {
-                "model": {"class_path": DEFAULT_MODEL},
-                "data": {"class_path": DEFAULT_DATA},
-                "trainer.logger": {
-                    "class_path": f"{CSVLogger.__module__}.CSVLogger",
-                    "init_args": {"save_dir": "."},
-                },
-            }
+            {"trainer.logger": {"class_path": f"{CSVLogger.__module__}.CSVLogger", "init_args": {"save_dir": "."}}}
         )
 
     def after_fit(self) -> None:
