@@ -8,11 +8,18 @@ so they receive the groups, built after the strategy has wrapped the model (FSDP
 stock behaviour.
 
 Run ``lightning-adamw fit --config configs/quickstart.yaml`` to train the built-in digits classifier
-(``lightning_adamw.demo``) with the default CSV logger.
+(``lightning_adamw.demo``) with the default CSV logger. The other configs in ``configs/`` (one GPU, DDP, many
+nodes, FSDP, W&B, CPU override) compose with repeated ``--config``; ``docs/distributed.md`` has the command for
+each case.
+
+W&B is offline by default: when the logger is a ``WandbLogger`` and ``WANDB_MODE`` is unset, the CLI sets
+``WANDB_MODE=offline`` before anything is built or launched, so every rank inherits it; ``WANDB_MODE=online``
+logs live.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -55,6 +62,19 @@ class AdamWCLI(LightningCLI):
             {"trainer.logger": {"class_path": f"{CSVLogger.__module__}.CSVLogger", "init_args": {"save_dir": "."}}}
         )
 
+    def before_instantiate_classes(self) -> None:
+        """Default W&B to offline (through ``WANDB_MODE``) before the logger is built."""
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        logger = config.get("trainer", {}).get("logger") if config is not None else None
+        if _uses_wandb(logger) and not os.environ.get("WANDB_MODE"):
+            # An environment variable, not the logger's `offline` flag: child processes inherit it, and
+            # `WANDB_MODE=online` (or `wandb offline/online`-style tooling) switches without editing configs.
+            os.environ["WANDB_MODE"] = "offline"
+            rank_zero_info(
+                "lightning-adamw: W&B runs offline (WANDB_MODE was unset, now 'offline'); runs are written under "
+                "the logger's save_dir. Set WANDB_MODE=online to log live, or `wandb sync` the run directory."
+            )
+
     def after_fit(self) -> None:
         """Print the final validation metrics, so a run ends with its result."""
         self._print_metrics("fit", prefixes=("val",))
@@ -82,9 +102,11 @@ class AdamWCLI(LightningCLI):
         optimizer_init, scheduler_init = self._top_level_inits(subcommand)
         if optimizer_init is not None:
             self.model._lightning_adamw_optimizer_factory = _Factory(optimizer_init)
+            init_args = optimizer_init.get("init_args") or {}
+            shown = ", ".join(f"{k}={init_args[k]}" for k in ("lr", "weight_decay") if k in init_args)
             rank_zero_info(
-                f"lightning-adamw: top-level optimizer {optimizer_init['class_path']} receives the decay / no-decay "
-                "parameter groups"
+                f"lightning-adamw: top-level optimizer {optimizer_init['class_path']}({shown}) receives the decay / "
+                "no-decay parameter groups; the model's own lr / weight_decay / betas / eps settings are not used"
             )
         if scheduler_init is not None:
             self.model._lightning_adamw_scheduler_factory = _Factory(scheduler_init)
@@ -102,6 +124,21 @@ class AdamWCLI(LightningCLI):
                 init = init.as_dict() if hasattr(init, "as_dict") else dict(init)
             found.append(init or None)
         return found[0], found[1]
+
+
+def _uses_wandb(logger: Any) -> bool:
+    """Whether a ``trainer.logger`` config value (class path, config dict, instance or list of them) is W&B."""
+    if isinstance(logger, (list, tuple)):
+        return any(_uses_wandb(item) for item in logger)
+    if logger is None or isinstance(logger, bool):
+        return False
+    if isinstance(logger, str):
+        class_path = logger
+    elif hasattr(logger, "get"):  # jsonargparse Namespace or dict
+        class_path = logger.get("class_path") or ""
+    else:  # an instance
+        class_path = f"{type(logger).__module__}.{type(logger).__qualname__}"
+    return str(class_path).rsplit(".", 1)[-1] == "WandbLogger"
 
 
 class _Factory:

@@ -139,7 +139,13 @@ class DecoupledWeightDecayMixin:
         """
         if weight_decay is _MISSING:
             weight_decay = self.adamw_setting("weight_decay")
-        decisions = classify_parameters(self, **self.grouping_options())  # type: ignore[arg-type]
+        trainer = getattr(self, "_trainer", None)
+        wrapper = trainer.strategy.model if trainer is not None else None  # e.g. the FSDP root around self
+        decisions = classify_parameters(
+            self,  # type: ignore[arg-type]
+            wrapper=wrapper if wrapper is not self else None,
+            **self.grouping_options(),
+        )
         groups = groups_from_decisions(self, decisions, weight_decay)  # type: ignore[arg-type]
         self._report_groups(decisions, weight_decay)
         return groups

@@ -210,6 +210,26 @@ def _is_flat_parameter(param: torch.Tensor) -> bool:
     return type(param).__name__ == "FlatParameter" or getattr(param, "_is_flat_param", False)
 
 
+def fsdp_original_shapes(*modules: nn.Module) -> dict[int, torch.Size]:
+    """``id(parameter) -> unsharded shape`` for the parameters FSDP1 (``use_orig_params=True``) manages.
+
+    FSDP1 replaces every original parameter by a 1-D view of this rank's shard (an empty tensor on ranks that hold
+    none of it), so ``param.shape`` / ``param.ndim`` no longer describe the weight: a conv kernel looks like a
+    bias. Its ``FlatParameter`` keeps the real shapes. Pass the FSDP *wrapper* too: Lightning wraps the
+    LightningModule from outside, so the root's handle is not among the module's own sub-modules.
+    """
+    shapes: dict[int, torch.Size] = {}
+    for root in modules:
+        for mod in root.modules():
+            flat = getattr(getattr(mod, "_handle", None), "flat_param", None)
+            params = getattr(flat, "_params", None)
+            if flat is None or params is None:
+                continue
+            for param, shape in zip(params, flat._shapes, strict=True):
+                shapes[id(param)] = torch.Size(shape)
+    return shapes
+
+
 def classify_parameters(
     module: nn.Module,
     *,
@@ -219,6 +239,7 @@ def classify_parameters(
     extra_norm_types: Iterable[type[nn.Module]] | type[nn.Module] | None = None,
     norm_class_pattern: str | None = DEFAULT_NORM_CLASS_PATTERN,
     use_model_hooks: bool = True,
+    wrapper: nn.Module | None = None,
 ) -> list[ParamDecision]:
     """Decide, for every trainable parameter of ``module``, whether it is decayed and why.
 
@@ -252,6 +273,8 @@ def classify_parameters(
             owners.setdefault(id(param), []).append((clean_param_name(full), mod, leaf))
 
     hook_names, hook_keywords = _collect_hooks(module) if use_model_hooks else (set(), set())
+    # Under FSDP1 the tensors are flat shards: decide on the original shapes.
+    true_shapes = fsdp_original_shapes(module, *([wrapper] if wrapper is not None else []))
 
     decisions: list[ParamDecision] = []
     used_patterns: set[str] = set()
@@ -268,8 +291,17 @@ def classify_parameters(
         entries = owners.get(id(param), [(name, module, name.rsplit(".", 1)[-1])])
         names = [n for n, _, _ in entries]
 
+        shape = true_shapes.get(id(param))
+        if shape is None:
+            if getattr(param, "_fsdp_flattened", False) and param.ndim == 1:
+                raise ValueError(
+                    f"parameter `{raw_name}` is a flat FSDP shard whose original shape is unknown: pass the FSDP "
+                    "root module as `wrapper=` (in Lightning, `trainer.strategy.model`) so decay groups are built "
+                    "from the real shapes"
+                )
+            shape = param.shape
         group, reason = _decide(
-            param,
+            len(shape),
             names,
             entries,
             decay_pats,
@@ -286,8 +318,8 @@ def classify_parameters(
                 name=name,
                 group=group,
                 reason=reason,
-                shape=tuple(param.shape),
-                numel=param.numel(),
+                shape=tuple(shape),
+                numel=math.prod(shape),
                 aliases=tuple(n for n in dict.fromkeys(names) if n != name),
             )
         )
@@ -307,7 +339,7 @@ def classify_parameters(
 
 
 def _decide(
-    param: torch.Tensor,
+    ndim: int,
     names: Sequence[str],
     entries: Sequence[tuple[str, nn.Module, str]],
     decay_pats: tuple[str, ...],
@@ -351,12 +383,12 @@ def _decide(
         return NO_DECAY, "bias"
 
     is_embedding = any(isinstance(owner, _EMBEDDING_TYPES) for _, owner, _ in entries) or (
-        param.ndim >= 2 and any(_EMBEDDING_LEAF.search(leaf) for leaf in leaves)
+        ndim >= 2 and any(_EMBEDDING_LEAF.search(leaf) for leaf in leaves)
     )
     if is_embedding:
         return (NO_DECAY, "embedding") if exclude_embeddings else (DECAY, "embedding")
 
-    if param.ndim <= 1:
+    if ndim <= 1:
         return NO_DECAY, "1-D"
     return DECAY, "weight"
 
@@ -374,6 +406,7 @@ def build_param_groups(
     extra_norm_types: Iterable[type[nn.Module]] | type[nn.Module] | None = None,
     norm_class_pattern: str | None = DEFAULT_NORM_CLASS_PATTERN,
     use_model_hooks: bool = True,
+    wrapper: nn.Module | None = None,
 ) -> list[dict[str, Any]]:
     """Split the trainable parameters of ``module`` into ``"decay"`` and ``"no_decay"`` optimizer groups.
 
@@ -389,6 +422,9 @@ def build_param_groups(
         norm_class_pattern: regex searched in class names to recognise norm layers defined outside torch;
             ``None`` turns the class-name rule off.
         use_model_hooks: honour ``no_weight_decay()`` / ``no_weight_decay_keywords()`` methods of the model.
+        wrapper: the FSDP module that wraps ``module`` from outside, if any (Lightning's
+            ``trainer.strategy.model``): sharded FSDP1 parameters are flat 1-D shards, and their real shapes are
+            kept by the wrapper's flat parameters. The mixin passes it for you.
 
     Returns:
         Up to two groups, ``[{"name": "decay", "params": [(name, tensor), ...], "weight_decay": wd},
@@ -413,6 +449,7 @@ def build_param_groups(
         extra_norm_types=extra_norm_types,
         norm_class_pattern=norm_class_pattern,
         use_model_hooks=use_model_hooks,
+        wrapper=wrapper,
     )
     return groups_from_decisions(module, decisions, wd)
 

@@ -146,7 +146,7 @@ def test_grouping_options_come_from_hparams(tmp_path) -> None:
 
 
 def test_bad_pattern_from_hparams_fails_fit_with_the_option_name(tmp_path) -> None:
-    with pytest.raises(ValueError, match="`no_decay_patterns` pattern 'body.9.weight' matches no trainable"):
+    with pytest.raises(ValueError, match=r"`no_decay_patterns` pattern 'body\.9\.weight' matches no trainable"):
         fit(TinyRegressor(no_decay_patterns=["body.9.weight"]), tmp_path, max_steps=1)
 
 

@@ -108,8 +108,9 @@ def test_sync_batchnorm_and_third_party_norm_names() -> None:
     assert r["1.weight"] == (NO_DECAY, "norm:SyncBatchNorm")
     assert r["2.scale"] == (NO_DECAY, "norm:MyRMSNorm")
     # Class-name rule matches common third-party names and not look-alikes.
-    from lightning_adamw import DEFAULT_NORM_CLASS_PATTERN
     import re
+
+    from lightning_adamw import DEFAULT_NORM_CLASS_PATTERN
 
     rule = re.compile(DEFAULT_NORM_CLASS_PATTERN)
     for cls in ["LlamaRMSNorm", "T5LayerNorm", "LayerNorm2d", "BatchNormAct2d", "GroupNormAct", "FusedRMSNorm",
@@ -378,7 +379,7 @@ def test_bad_input_errors_name_the_option(kwargs: dict, error: type[Exception], 
 
 
 def test_bad_module_and_no_trainable_parameters() -> None:
-    with pytest.raises(TypeError, match="`module` must be a torch.nn.Module"):
+    with pytest.raises(TypeError, match=r"`module` must be a torch\.nn\.Module"):
         build_param_groups("model", 0.1)  # type: ignore[arg-type]
     frozen = nn.Linear(2, 2).requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
@@ -410,3 +411,13 @@ def test_describe_param_groups_table() -> None:
     assert any("norm:MyRMSNorm" in line for line in lines)
     with pytest.raises(TypeError, match="needs `module` or `decisions`"):
         describe_param_groups()
+
+
+def test_unexplained_fsdp_flat_shard_is_refused_not_grouped_as_1d() -> None:
+    model = nn.Linear(4, 4)
+    model.weight._fsdp_flattened = True  # what FSDP1 marks on the 1-D shard views it hands out
+    with torch.no_grad():
+        model.weight = nn.Parameter(model.weight.detach().flatten())
+    model.weight._fsdp_flattened = True
+    with pytest.raises(ValueError, match="flat FSDP shard whose original shape is unknown: pass the FSDP root"):
+        build_param_groups(model, 0.1)
