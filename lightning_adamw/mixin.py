@@ -137,6 +137,13 @@ class DecoupledWeightDecayMixin:
             def configure_optimizers(self):
                 return torch.optim.AdamW(self.decoupled_param_groups(), lr=self.hparams.lr, betas=(0.9, 0.95))
         """
+        groups, decisions = self._groups_and_decisions(weight_decay)
+        self._report_groups(decisions, groups)
+        return groups
+
+    def _groups_and_decisions(
+        self, weight_decay: Any = _MISSING
+    ) -> tuple[list[dict[str, Any]], list[ParamDecision]]:
         if weight_decay is _MISSING:
             weight_decay = self.adamw_setting("weight_decay")
         trainer = getattr(self, "_trainer", None)
@@ -146,15 +153,16 @@ class DecoupledWeightDecayMixin:
             wrapper=wrapper if wrapper is not self else None,
             **self.grouping_options(),
         )
-        groups = groups_from_decisions(self, decisions, weight_decay)  # type: ignore[arg-type]
-        self._report_groups(decisions, weight_decay)
-        return groups
+        return groups_from_decisions(self, decisions, weight_decay), decisions  # type: ignore[arg-type]
 
-    def _report_groups(self, decisions: list[ParamDecision], weight_decay: Any) -> None:
+    def _report_groups(self, decisions: list[ParamDecision], groups: list[dict[str, Any]]) -> None:
+        """Print the table once (rank 0) and log group sizes; ``groups`` may be an optimizer's param_groups,
+        so the decay shown is the one the optimizer really holds."""
         trainer = getattr(self, "_trainer", None)
         if trainer is None or getattr(self, "_lightning_adamw_reported", False):
             return
         self._lightning_adamw_reported = True
+        weight_decay = next((g.get("weight_decay") for g in groups if g.get("name") == DECAY), None)
         if self.adamw_setting("print_param_groups"):
             table = describe_param_groups(decisions=decisions, weight_decay=weight_decay)
             rank_zero_info(f"lightning-adamw parameter groups:\n{table}")
@@ -230,17 +238,18 @@ class DecoupledWeightDecayMixin:
         """Build the groups, the optimizer and (optionally) a step-interval scheduler."""
         factory = self._optimizer_factory()
         if factory is None:
-            groups = self.decoupled_param_groups()
+            groups, decisions = self._groups_and_decisions()
             optimizer = self._default_optimizer(groups)
         else:
             # The optimizer's own weight_decay (from YAML / command line) applies to the decay group.
-            groups = self.decoupled_param_groups(weight_decay=None)
+            groups, decisions = self._groups_and_decisions(weight_decay=None)
             optimizer = factory(groups)
             if not isinstance(optimizer, Optimizer):
                 raise TypeError(
                     f"the optimizer callable returned {type(optimizer).__name__}, not a torch Optimizer"
                 )
             self._check_groups_survived(optimizer)
+        self._report_groups(decisions, optimizer.param_groups)
         self._warn_if_coupled(optimizer)
 
         scheduler_factory = self._scheduler_factory()
