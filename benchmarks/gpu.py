@@ -462,6 +462,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="tiny model on the CPU: checks the code paths")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--precision", choices=("fp32", "bf16", "both"), default="both")
+    parser.add_argument(
+        "--budget-s", type=float, default=BUDGET_S, help="stop starting new cases after this many seconds"
+    )
     args = parser.parse_args(argv)
 
     from benchmarks.report import console_table, save
@@ -471,6 +474,7 @@ def main(argv: list[str] | None = None) -> int:
         device="cpu" if args.dry_run else "cuda",
         dry_run=args.dry_run,
         repeats=args.repeats,
+        budget_s=args.budget_s,
         precisions=precisions,
     )
     print(console_table(rows))

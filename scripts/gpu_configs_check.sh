@@ -53,7 +53,7 @@ run() {  # run NAME DEVICES CONFIG...
   echo
   echo "== $name: python -m lightning_adamw fit ${args[*]} --trainer.devices=$devices (40 steps)"
   local start=$SECONDS status=0
-  timeout -k 10 240 "$PY" -m lightning_adamw fit "${args[@]}" --trainer.devices="$devices" "${FAST[@]}" \
+  timeout -k 10 ${RUN_TIMEOUT:-240} "$PY" -m lightning_adamw fit "${args[@]}" --trainer.devices="$devices" "${FAST[@]}" \
     --trainer.logger.init_args.save_dir="$RESULTS/$name" \
     --trainer.callbacks+=tests.scripts.cli_probe.RankProbe --trainer.callbacks.out_dir="$RESULTS/$name/probe" \
     >"$RESULTS/$name.log" 2>&1 || status=$?
