@@ -13,7 +13,7 @@ if ! python3 -c "import jsonargparse" 2>/dev/null; then
   export PYTHONPATH=/tmp/site
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-SKIP_PYTEST=1 RUN_TIMEOUT=${RUN_TIMEOUT:-110} timeout -k 5 250 bash scripts/gpu_configs_check.sh 2>&1 | tee "$OUT/configs.log"
+OUT=/tmp/cfg SKIP_PYTEST=1 RUN_TIMEOUT=${RUN_TIMEOUT:-110} timeout -k 5 250 bash scripts/gpu_configs_check.sh 2>&1 | tee "$OUT/configs.log"
 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" timeout -k 5 120 python3 -m pytest -q -p no:cacheprovider \
   tests/test_monitor_fsdp.py -rs 2>&1 | tail -15 | tee "$OUT/pytest_gpu.log"
 timeout -k 5 ${BENCH_TIMEOUT:-170} python3 -m benchmarks.gpu --budget-s ${BENCH_BUDGET:-110} --repeats 5 \
