@@ -130,13 +130,9 @@ _K = 8
 # Histogram refinement used for the exact median of the coupled-L2 denominators.
 _HIST_BINS = 1024
 _HIST_PASSES = 3
-_MIN_AUTO_CHUNK = 1 << 18
+_MIN_AUTO_CHUNK = 1 << 16
 # Tensors up to this size get float64 sums (see _sq_norms).
 _EXACT_NUMEL = 1 << 16
-# AdamW groups: vectors (biases, gains) and matrices up to this size go through the packed path (see
-# _adamw_packed): one concatenated buffer per bucket, float64 sums, a fixed number of kernels for any number of
-# tensors. Larger matrices take the per-tensor foreach path, whose per-tensor dispatch cost their size amortises.
-_PACKED_NUMEL = 1 << 12
 _MAX_AUTO_CHUNK = 1 << 24
 
 
@@ -403,19 +399,12 @@ def derive_metrics(
 # --------------------------------------------------------------------------------------------------------------
 def _local(t: Tensor) -> Tensor:
     # DTensor -> its local shard (we reduce ourselves, so no implicit collectives); complex -> real view.
-    # Plain real tensors (the common case, hundreds per call) take the shortest path: one view, no detach
-    # (everything here runs under no_grad, so the view carries no autograd history).
-    if type(t) in _PLAIN and t.is_contiguous() and not t.is_complex():
-        return t.view(-1)
     to_local = getattr(t, "to_local", None)
     if to_local is not None:
         t = to_local()
     if t.is_complex():
         t = torch.view_as_real(t)
     return t.detach().reshape(-1)
-
-
-_PLAIN = (Tensor, torch.nn.Parameter)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -447,8 +436,6 @@ class _Item:
     snap: Tensor | None = None
     step_size: float | Tensor = 0.0
     bc2_sqrt: float | Tensor = 1.0
-    #: AdamW only: summed through the packed float64 path (vectors and small tensors).
-    packed: bool = False
 
 
 @dataclass
@@ -502,10 +489,7 @@ def _bias_scalars_host(
     # Reading CPU tensors is no device sync.
     if not steps:
         return [], []
-    if all(s.dim() == 0 and s.dtype == steps[0].dtype for s in steps):
-        values = torch.stack(steps).tolist()  # one op: torch keeps `step` as 0-d float32 CPU tensors
-    else:
-        values = torch.stack([s.detach().reshape(()).to(torch.float64) for s in steps]).tolist()
+    values = torch.stack([s.detach().reshape(()).to(torch.float64) for s in steps]).tolist()
     # t == 0 only for a step a fused optimizer skipped (and undid); that split is discarded anyway
     return (
         [lr / (1.0 - beta1**t) if t > 0 else math.nan for t in values],
@@ -547,7 +531,6 @@ def _slices(item: _Item, chunk: int) -> Iterator[_Item]:
             snap=cut(item.snap),
             step_size=item.step_size,
             bc2_sqrt=item.bc2_sqrt,
-            packed=item.packed,
         )
 
 
@@ -719,97 +702,6 @@ def _process_bucket(
     acc.add_rows(device, [it.row for it in bucket], block)
 
 
-def _process_adamw(work: _GroupWork, chunk: int, acc: _Accumulator) -> None:
-    """N, B, E, S of a decoupled group: packed buckets for vectors and small tensors, foreach for the rest."""
-    packed = [it for it in work.items if it.packed]
-    dense = [it for it in work.items if not it.packed]
-    for bucket in _buckets(packed, chunk):
-        _adamw_packed(work, bucket, acc)
-    for bucket in _buckets(dense, chunk):
-        _adamw_dense(work, bucket, acc)
-
-
-def _per_element(
-    values: list[float | Tensor], lengths: list[int], dtype: torch.dtype, device: torch.device
-) -> float | Tensor:
-    """One scalar per item as a Python float when all are the same float, else one value per element."""
-    first = values[0]
-    if isinstance(first, float) and all(isinstance(s, float) and s == first for s in values):
-        return first
-    if all(isinstance(s, float) for s in values):
-        per_item = _host_to(values, dtype, device)  # type: ignore[arg-type]
-    else:
-        per_item = torch.stack([torch.as_tensor(s, device=device).reshape(()) for s in values]).to(dtype)
-    return torch.repeat_interleave(per_item, _host_to(lengths, torch.int64, device), output_size=sum(lengths))
-
-
-def _adamw_packed(work: _GroupWork, bucket: list[_Item], acc: _Accumulator) -> None:
-    """One concatenated buffer per operand, so the number of kernels does not grow with the number of tensors.
-
-    ``lr*u`` is rebuilt elementwise with the operations torch's Adam used (``sqrt``, ``/ bc2``, ``+ eps``,
-    ``m / denom``, ``* lr/bc1``); ``w_new``, ``lr*u`` and their sum are then upcast (products of two float32
-    numbers are exact in float64) and the four sums of every tensor come from one segmented reduction. Biases and
-    gains are where an update nearly parallel to the weight makes ``B - E^2/N`` cancel, so their sums are exact.
-    """
-    device = bucket[0].p.device
-    dtype = _compute_dtype(bucket[0].p.dtype)
-    adt = _acc_dtype(device)
-    lengths = [it.p.numel() for it in bucket]
-    total = sum(lengths)
-    p = torch.cat([it.p for it in bucket]).to(dtype)
-    m = torch.cat([it.m for it in bucket]).to(dtype)  # type: ignore[misc]
-    d = torch.cat([it.v for it in bucket]).to(dtype)  # type: ignore[misc]
-    bc2 = _per_element([it.bc2_sqrt for it in bucket], lengths, dtype, device)
-    step_size = _per_element([it.step_size for it in bucket], lengths, dtype, device)
-    d.sqrt_().div_(bc2).add_(work.eps)
-    b = m.div_(d).mul_(step_size)  # lr*u
-    s = torch.add(p, b, out=d)  # w_new + lr*u = w_old * (1 - lr*wd)
-    x = torch.stack([p, b, s]).to(adt)
-    y = torch.stack([x[0] * x[0], x[1] * x[1], x[0] * x[1], x[2] * x[2]], dim=1)  # (L, 4): N, B, E, S
-    del p, m, d, b, s, x
-    lengths_t = _host_to(lengths, torch.int64, device)
-    if total == 0:
-        sums = torch.zeros(len(bucket), 4, dtype=adt, device=device)
-    elif device.type in ("cpu", "cuda"):
-        sums = torch.segment_reduce(y, "sum", lengths=lengths_t, axis=0)
-    else:
-        seg_ids = torch.repeat_interleave(torch.arange(len(bucket), device=device), lengths_t, output_size=total)
-        sums = torch.zeros(len(bucket), 4, dtype=adt, device=device).index_add_(0, seg_ids, y)
-    block = torch.zeros(len(bucket), _K, dtype=adt, device=device)
-    block[:, _N : _S + 1] = sums
-    block[:, _NUMEL] = _host_to([float(n) for n in lengths], adt, device)
-    _add_block(acc, device, bucket, block)
-
-
-def _adamw_dense(work: _GroupWork, bucket: list[_Item], acc: _Accumulator) -> None:
-    """The same four sums for larger tensors with one foreach kernel per operation and one chunk buffer."""
-    device = bucket[0].p.device
-    dtype = _compute_dtype(bucket[0].p.dtype)
-    adt = _acc_dtype(device)
-    params = _cast([it.p for it in bucket], dtype)
-    buf = _denominators(bucket, dtype, work.eps)
-    for mi, di in zip(_cast([it.m for it in bucket], dtype), buf, strict=True):  # type: ignore[misc]
-        torch.div(mi, di, out=di)  # m / denom in place: no second chunk buffer
-    _scalars_mul_(buf, [it.step_size for it in bucket])  # lr*u
-    col_n = torch.stack(torch._foreach_norm(params)).to(adt).square()
-    col_b = torch.stack(torch._foreach_norm(buf)).to(adt).square()
-    col_e = torch.stack([torch.dot(x, y) for x, y in zip(params, buf, strict=True)]).to(adt)
-    torch._foreach_add_(buf, params)  # w_new + lr*u = w_old * (1 - lr*wd)
-    col_s = torch.stack(torch._foreach_norm(buf)).to(adt).square()
-    del buf
-    zeros = torch.zeros_like(col_n)
-    numel = _host_to([float(it.p.numel()) for it in bucket], adt, device)
-    block = torch.stack([col_n, col_b, col_e, col_s, zeros, zeros, numel, zeros], dim=1)
-    _add_block(acc, device, bucket, block)
-
-
-def _add_block(acc: _Accumulator, device: torch.device, bucket: list[_Item], block: Tensor) -> None:
-    weights = [it.weight for it in bucket]
-    if any(w != 1.0 for w in weights):
-        block = block * _host_to(weights, block.dtype, device).unsqueeze(1)
-    acc.add_rows(device, [it.row for it in bucket], block)
-
-
 def _count_rows(works: list[_GroupWork], acc: _Accumulator) -> None:
     # A tensor counts as updated once even when split in slices (weights make replicated shards sum to one).
     for w in works:
@@ -942,7 +834,6 @@ def _collect_works(
                         m=_local(st["exp_avg"]),
                         v=_local(v),
                         g=_local(p.grad) if kind == "adam_l2" else None,
-                        packed=kind == "adamw" and (p.dim() <= 1 or p.numel() <= _PACKED_NUMEL),
                     )
                     step = st["step"] if isinstance(st["step"], Tensor) else torch.tensor(float(st["step"]))
                     pending.append((item, step))
@@ -990,9 +881,6 @@ def _split_from_groups(
         acc = _Accumulator(num_rows, num_coupled)
         main = _main_device(works)
         for w in works:
-            if w.kind == "adamw":
-                _process_adamw(w, chunk, acc)
-                continue
             for bucket in _buckets(w.items, chunk):
                 _process_bucket(w, bucket, acc, grad_scale)
         _count_rows(works, acc)
