@@ -230,6 +230,18 @@ def fsdp_original_shapes(*modules: nn.Module) -> dict[int, torch.Size]:
     return shapes
 
 
+def _attached_wrapper(module: nn.Module) -> nn.Module | None:
+    """The module that wraps ``module`` from outside, when a trainer attached to it says so.
+
+    A LightningModule under FSDP is wrapped from the outside, so the root's flat parameter (which knows the real
+    shapes of the tensors no inner FSDP unit owns) is not among the module's own sub-modules; its trainer's
+    strategy holds it. Duck-typed (``module._trainer.strategy.model``) so that this file needs no Lightning.
+    """
+    trainer = getattr(module, "_trainer", None)
+    model = getattr(getattr(trainer, "strategy", None), "model", None)
+    return model if isinstance(model, nn.Module) and model is not module else None
+
+
 def classify_parameters(
     module: nn.Module,
     *,
@@ -274,6 +286,8 @@ def classify_parameters(
 
     hook_names, hook_keywords = _collect_hooks(module) if use_model_hooks else (set(), set())
     # Under FSDP1 the tensors are flat shards: decide on the original shapes.
+    if wrapper is None:
+        wrapper = _attached_wrapper(module)
     true_shapes = fsdp_original_shapes(module, *([wrapper] if wrapper is not None else []))
 
     decisions: list[ParamDecision] = []
@@ -422,9 +436,9 @@ def build_param_groups(
         norm_class_pattern: regex searched in class names to recognise norm layers defined outside torch;
             ``None`` turns the class-name rule off.
         use_model_hooks: honour ``no_weight_decay()`` / ``no_weight_decay_keywords()`` methods of the model.
-        wrapper: the FSDP module that wraps ``module`` from outside, if any (Lightning's
-            ``trainer.strategy.model``): sharded FSDP1 parameters are flat 1-D shards, and their real shapes are
-            kept by the wrapper's flat parameters. The mixin passes it for you.
+        wrapper: the FSDP module that wraps ``module`` from outside, if any: sharded FSDP1 parameters are flat
+            1-D shards, and their real shapes are kept by the wrapper's flat parameters. For a LightningModule
+            attached to a trainer it is found by itself (``trainer.strategy.model``).
 
     Returns:
         Up to two groups, ``[{"name": "decay", "params": [(name, tensor), ...], "weight_decay": wd},

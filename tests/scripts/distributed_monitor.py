@@ -84,6 +84,9 @@ def main() -> None:
     elif args.strategy == "fsdp1":
         from lightning.pytorch.strategies import FSDPStrategy
 
+        if args.accelerator == "cpu":  # Lightning's FSDPStrategy refuses CPU; the test-only subclass does not
+            from tests.scripts.cli_strategies import CPUFSDPStrategy as FSDPStrategy
+
         strategy = FSDPStrategy(use_orig_params=True)
         module = InterleavedData(batch_size=8, optimizer_kwargs=optimizer_kwargs)
     else:
