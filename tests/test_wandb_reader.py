@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 import torch
 import wandb
-from lightning.pytorch.loggers import Logger, WandbLogger
+from lightning.pytorch.loggers import WandbLogger
 from wandb.proto import wandb_internal_pb2
 
+from tests.scripts.monitor_common import RecordingLogger
 from tests.wandb_reader import (
     BLOCK_SIZE,
     CHUNK_HEADER_SIZE,
@@ -233,33 +234,11 @@ class _TinyModule(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
 
 
-class _RecordingLogger(Logger):
-    """A real (in-memory) Lightning logger: records exactly what Lightning hands to its loggers."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: list[tuple[int | None, dict[str, float]]] = []
-
-    @property
-    def name(self) -> str:
-        return "recording"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.calls.append((step, dict(metrics)))
-
-
 @pytest.mark.usefixtures("wandb_offline")
 def test_lightning_wandb_logger_history(tmp_path: Path) -> None:
     save_dir = tmp_path / "logs"
     wandb_logger = WandbLogger(save_dir=save_dir, offline=True, project="lightning-adamw-test")
-    recorder = _RecordingLogger()
+    recorder = RecordingLogger()
     trainer = L.Trainer(
         accelerator="cpu",
         max_epochs=1,
