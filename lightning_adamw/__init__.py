@@ -4,21 +4,36 @@ Public API:
 
 - :func:`build_param_groups` / :func:`classify_parameters` / :func:`describe_param_groups`: pure functions that
   split any ``nn.Module`` into ``"decay"`` and ``"no_decay"`` optimizer groups and explain why.
-- :func:`update_split` / :func:`adamw_update_split`: pure functions that split an optimizer step, right after
+- :mod:`lightning_adamw.update_split` (``update_split.update_split``, :func:`adamw_update_split`): pure functions that split an optimizer step, right after
   ``optimizer.step()``, into its decoupled-decay part and its gradient part.
 - :class:`DecoupledWeightDecayMixin`: a LightningModule mixin whose ``configure_optimizers`` builds the groups.
 - :class:`WeightDecayMonitor`: a callback that logs the split of every (logged) update.
 - :class:`WarmupCosineLR`: linear warm-up + cosine decay, per optimizer step.
 - :class:`AdamWCLI` and the ``lightning-adamw`` command.
 
-The Lightning-facing names are imported lazily, so ``import lightning_adamw.param_groups`` or
-``lightning_adamw.update_split`` (the functional core) does not import Lightning.
+The Lightning-facing names are imported lazily, so ``import lightning_adamw`` and the functional core
+(``param_groups``, ``update_split``) do not import Lightning.
 """
 
 from __future__ import annotations
 
 import importlib
 from typing import TYPE_CHECKING, Any
+
+# The plain-torch core is imported eagerly (no Lightning); `lightning_adamw.update_split` is the submodule, and
+# its main function is `lightning_adamw.update_split.update_split` (a package-level function of the same name would
+# be shadowed by the submodule, depending on import order).
+from lightning_adamw.optim_checks import is_coupled_l2, is_decoupled_adam
+from lightning_adamw.param_groups import (
+    DEFAULT_NORM_CLASS_PATTERN,
+    NORM_TYPES,
+    ParamDecision,
+    build_param_groups,
+    classify_parameters,
+    describe_param_groups,
+)
+from lightning_adamw.schedules import WarmupCosineLR
+from lightning_adamw.update_split import UpdateSplit, adamw_update_split
 
 __version__ = "0.1.0"
 
@@ -38,7 +53,6 @@ _EXPORTS: dict[str, str] = {
     "describe_param_groups": "lightning_adamw.param_groups",
     "is_coupled_l2": "lightning_adamw.optim_checks",
     "is_decoupled_adam": "lightning_adamw.optim_checks",
-    "update_split": "lightning_adamw.update_split",
 }
 
 __all__ = [
@@ -57,7 +71,6 @@ __all__ = [
     "describe_param_groups",
     "is_coupled_l2",
     "is_decoupled_adam",
-    "update_split",
 ]
 assert sorted(__all__) == sorted([*_EXPORTS, "__version__"])  # one list to keep in sync, checked at import
 
@@ -65,17 +78,6 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from lightning_adamw.cli import AdamWCLI
     from lightning_adamw.mixin import DecoupledWeightDecayMixin
     from lightning_adamw.monitor import WeightDecayMonitor
-    from lightning_adamw.optim_checks import is_coupled_l2, is_decoupled_adam
-    from lightning_adamw.param_groups import (
-        DEFAULT_NORM_CLASS_PATTERN,
-        NORM_TYPES,
-        ParamDecision,
-        build_param_groups,
-        classify_parameters,
-        describe_param_groups,
-    )
-    from lightning_adamw.schedules import WarmupCosineLR
-    from lightning_adamw.update_split import UpdateSplit, adamw_update_split, update_split
 
 
 def __getattr__(name: str) -> Any:

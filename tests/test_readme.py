@@ -19,3 +19,14 @@ def test_readme_has_snippets() -> None:
 def test_readme_snippet_runs(index: int, tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     exec(compile(SNIPPETS[index], f"README.md[snippet {index}]", "exec"), {"__name__": "__readme__"})
+
+
+def test_public_names_resolve_in_any_import_order() -> None:
+    import lightning_adamw
+    import lightning_adamw.monitor
+    from lightning_adamw.update_split import update_split
+
+    assert callable(update_split)
+    assert lightning_adamw.update_split.update_split is update_split  # the submodule, whatever came first
+    for name in lightning_adamw.__all__:
+        assert getattr(lightning_adamw, name) is not None
