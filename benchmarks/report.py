@@ -218,7 +218,8 @@ def _machine_lines(machine: dict[str, Any], settings: dict[str, Any]) -> list[st
         if machine.get(key) is not None:
             lines.append(f"| {label} | {machine[key]} |")
     for key, value in settings.items():
-        lines.append(f"| {key} | {value} |")
+        if key != "stale_note":  # printed above the GPU rows instead
+            lines.append(f"| {key} | {value} |")
     return lines
 
 
@@ -280,14 +281,19 @@ def render(cpu: dict[str, Any] | None, gpu: dict[str, Any] | None) -> str:
     if gpu is not None:
         lines += ["## GPU machine", "", *_machine_lines(gpu["machine"], gpu.get("settings", {})), ""]
     headline = _headline(cpu_rows + gpu_rows)
+    stale = (gpu or {}).get("settings", {}).get("stale_note")
     if headline:
         lines += ["## Headline figures (rows with a target)", "", *headline, ""]
+        if stale and gpu_rows:
+            lines += [f"**GPU rows (item 5):** {stale}", ""]
     for item in (1, 2, 3, 4):
         item_rows = [r for r in cpu_rows if r.item == item]
         lines += [f"## {ITEM_TITLES[item]}", "", ITEM_NOTES[item], ""]
         lines += [*_md_table(item_rows), ""] if item_rows else ["Not measured in this run.", ""]
     lines += [f"## {ITEM_TITLES[5]}", "", ITEM_NOTES[5], ""]
     if gpu_rows:
+        if stale:
+            lines += [f"**{stale}**", ""]
         lines += [*_md_table(gpu_rows), ""]
         note = (gpu or {}).get("settings", {}).get("precision_note")
         if note:

@@ -32,7 +32,6 @@ from lightning_adamw.mixin import DecoupledWeightDecayMixin
 __all__ = ["AdamWCLI", "main"]
 
 
-
 class AdamWCLI(LightningCLI):
     """LightningCLI with group-preserving top-level optimizers and a CSV logger by default.
 
@@ -59,7 +58,12 @@ class AdamWCLI(LightningCLI):
         # default class that the user's class also accepts (lr, weight_decay, batch_size...) when --model
         # changes the class_path, so a user's model would silently train with the demo's hyperparameters.
         parser.set_defaults(
-            {"trainer.logger": {"class_path": f"{CSVLogger.__module__}.CSVLogger", "init_args": {"save_dir": "."}}}
+            {
+                "trainer.logger": {
+                    "class_path": f"{CSVLogger.__module__}.CSVLogger",
+                    "init_args": {"save_dir": "."},
+                }
+            }
         )
 
     def before_instantiate_classes(self) -> None:

@@ -17,8 +17,7 @@ side except :math:`w_{old}` is still in the optimizer after the step (``exp_avg`
 :math:`\eta u` is recomputed with the same operations torch used and
 :math:`w_{old} = (w_{new} + \eta u) / (1 - \eta\lambda)`.
 
-Only a handful of per-tensor sums are needed (all on the parameters' device, with batched ``torch._foreach_*``
-kernels, in chunks so the extra memory is bounded by ``chunk_numel`` elements):
+Only a handful of per-tensor sums are needed, all on the parameters' device:
 
 * :math:`N = \|w_{new}\|^2`, :math:`B = \|b\|^2`, :math:`E = \langle w_{new}, b\rangle`,
   :math:`S = \|w_{new} + b\|^2` where :math:`b` is "what was subtracted besides the decay"
@@ -26,8 +25,15 @@ kernels, in chunks so the extra memory is bounded by ``chunk_numel`` elements):
 * for Adam with coupled L2 also :math:`G = \|g\|^2` and :math:`F = \langle g, w_{old}\rangle` and the
   min / median / max of the per-coordinate denominators :math:`\sqrt{\hat v} + \epsilon`.
 
+AdamW groups (the case the monitor exists for) take the packed path of :mod:`lightning_adamw.packed_sums`: a
+layout built once per optimizer and cached (rebuilt when a parameter, its storage or its optimizer state changes),
+then about twenty kernels per bucket of ``chunk_numel`` elements whatever the number of tensors, and a segmented
+sum by ``index_add_`` instead of a reduction per tensor. Coupled-L2 and snapshot groups use batched
+``torch._foreach_*`` kernels in chunks. The extra memory is bounded by the chunk either way.
+
 All derived quantities (norms, ratios, cosines, angles, equilibrium predictions) are closed-form functions of these
-sums (see :func:`derive_metrics`). The sums of all tensors are moved to the host with a single transfer.
+sums (see :func:`derive_metrics`); per-tensor metrics are derived only when asked for. The sums of all tensors are
+moved to the host with a single transfer.
 
 Sharded parameters (FSDP, DTensor) are handled by summing the local sums across ranks (:class:`ShardReduce`)
 before any square root is taken; every rank issues the same collectives in the same order.
@@ -36,6 +42,7 @@ before any square root is taken; every rank issues the same collectives in the s
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -45,6 +52,7 @@ from torch import Tensor
 
 # Which optimizers are Adam/AdamW (whose state we can reconstruct) is decided in one place for the package.
 from lightning_adamw.optim_checks import is_adam_family
+from lightning_adamw.packed_sums import PackedBucket, PieceSource, adamw_item_sums, build_layout
 
 __all__ = [
     "ADAMW_GROUP_METRICS",
@@ -84,6 +92,7 @@ ADAMW_GROUP_METRICS: tuple[str, ...] = (
     "update_to_weight",
     "cos_grad_update_weight",
     "angular_update",
+    "uniform_decay_rate",
     "equilibrium_angular_update",
     "equilibrium_weight_norm",
     "ema_timescale_steps",
@@ -134,6 +143,7 @@ _MIN_AUTO_CHUNK = 1 << 16
 # Tensors up to this size get float64 sums (see _sq_norms).
 _EXACT_NUMEL = 1 << 16
 _MAX_AUTO_CHUNK = 1 << 24
+_PACKED_MIN_CHUNK = 1 << 18
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -192,16 +202,63 @@ def _unique_labels(labels: Sequence[str]) -> list[str]:
 # --------------------------------------------------------------------------------------------------------------
 # Results
 # --------------------------------------------------------------------------------------------------------------
-@dataclass
 class TensorSplit:
-    """Metrics of one updated parameter tensor (values are plain floats, non-finite ones removed)."""
+    """Metrics of one updated parameter tensor (values are plain floats, non-finite ones removed).
 
-    name: str
-    group: str
-    kind: Kind
-    numel: int
-    metrics: dict[str, float]
-    finite: bool = True
+    ``metrics`` is derived from the tensor's sums on first access: group-level logging never pays for the
+    per-tensor dictionaries.
+    """
+
+    __slots__ = ("_hyper", "_metrics", "_rounding", "_sums", "finite", "group", "kind", "name", "numel")
+
+    def __init__(
+        self,
+        name: str,
+        group: str,
+        kind: Kind,
+        numel: int,
+        metrics: dict[str, float] | None = None,
+        finite: bool = True,
+        *,
+        sums: Sequence[float] | None = None,
+        lr: float = 0.0,
+        weight_decay: float = 0.0,
+        beta1: float = 0.0,
+        rounding: float = 0.0,
+    ) -> None:
+        self.name = name
+        self.group = group
+        self.kind: Kind = kind
+        self.numel = numel
+        self.finite = finite
+        self._metrics = metrics
+        self._sums = sums
+        self._hyper = (lr, weight_decay, beta1)
+        self._rounding = rounding
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        if self._metrics is None:
+            if not self.finite or self._sums is None:
+                self._metrics = {}
+            else:
+                lr, wd, beta1 = self._hyper
+                raw = derive_metrics(
+                    self.kind,
+                    self._sums,
+                    lr=lr,
+                    weight_decay=wd,
+                    beta1=beta1,
+                    group_level=False,
+                    rounding=self._rounding,
+                )
+                self._metrics = {k: v for k, v in raw.items() if math.isfinite(v)}
+        return self._metrics
+
+    def __repr__(self) -> str:
+        return (
+            f"TensorSplit(name={self.name!r}, kind={self.kind!r}, numel={self.numel}, finite={self.finite})"
+        )
 
 
 @dataclass
@@ -360,6 +417,9 @@ def derive_metrics(
         # cosine between the gradient update (-lr*u) and the weight it was applied to (w_old)
         out["cos_grad_update_weight"] = -d / (root_a * root_b) if root_a > 0 and root_b > 0 else nan
         out["angular_update"] = _angle(n, b, e) if root_a > 0 else nan
+        if group_level:
+            # the decay rate AdamW applies to every coordinate (Adam + L2 groups report their spread around it)
+            out["uniform_decay_rate"] = lr_wd
         if weight_decay > 0.0 and lr > 0.0:
             if group_level:
                 # Kosson et al. (2023), Table 1, AdamW: expected angular update in rotational equilibrium
@@ -436,6 +496,12 @@ class _Item:
     snap: Tensor | None = None
     step_size: float | Tensor = 0.0
     bc2_sqrt: float | Tensor = 1.0
+    #: the optimizer state of an Adam parameter (its ``step`` is read again at every call)
+    state: Mapping[str, Any] | None = None
+    #: ``ndim`` of the parameter (``p`` is its flat local view)
+    ndim: int = 1
+    #: the parameter itself, whose ``.grad`` (a new tensor after each ``zero_grad``) coupled L2 needs
+    param: Tensor | None = None
 
 
 @dataclass
@@ -454,6 +520,10 @@ class _GroupWork:
     items: list[_Item]
     rounding: list[float] = field(default_factory=list)
     coupled_index: int = -1
+    #: per device: row index, numel column and replica weights of the packed path (fixed while the plan lives)
+    static: dict[torch.device, tuple[Tensor, Tensor, Tensor, Tensor | None]] = field(default_factory=dict)
+    #: ``(step_size, bc2_sqrt)`` of all items as two vectors when they live on a device (capturable / fused)
+    device_scalars: tuple[Tensor, Tensor] | None = None
 
 
 def _bias_scalars(
@@ -467,19 +537,30 @@ def _bias_scalars(
     return _bias_scalars_device(steps, lr, beta1, beta2)
 
 
+def _stacked_steps(steps: list[Tensor]) -> Tensor | None:
+    """All ``step`` tensors as one vector (one kernel) when they share a device, else ``None``."""
+    device = steps[0].device
+    if any(s.device != device for s in steps):
+        return None
+    return torch.stack([s.detach().reshape(()) for s in steps])
+
+
 def _bias_scalars_capturable(
     steps: list[Tensor], lr: float, beta1: float, beta2: float
 ) -> tuple[list[float | Tensor], list[float | Tensor]]:
     # Capturable Adam computes the corrections on the device in the dtype of `step` (float32), with these very
     # operations (the fused CUDA kernel gets the same float32 values). Replaying them matters: `1 - 0.999**1` in
-    # float32 is off by 1e-5 relative, which shows in the first steps.
-    step_size: list[float | Tensor] = []
-    bc2: list[float | Tensor] = []
-    for s in steps:
-        t = s.detach().reshape(())
-        step_size.append(-(((torch.pow(beta1, t) - 1) / lr).reciprocal()))
-        bc2.append(torch.sqrt(-(torch.pow(beta2, t) - 1)))
-    return step_size, bc2
+    # float32 is off by 1e-5 relative, which shows in the first steps. Elementwise on the stacked steps, these
+    # are the same float32 operations in a handful of kernels instead of several per tensor.
+    if not steps:
+        return [], []
+    t = _stacked_steps(steps)
+    if t is None:
+        pairs = [_bias_scalars_capturable([s], lr, beta1, beta2) for s in steps]
+        return [p[0][0] for p in pairs], [p[1][0] for p in pairs]
+    step_size = -(((torch.pow(beta1, t) - 1) / lr).reciprocal())
+    bc2 = torch.sqrt(-(torch.pow(beta2, t) - 1))
+    return list(step_size.unbind(0)), list(bc2.unbind(0))
 
 
 def _bias_scalars_host(
@@ -489,7 +570,7 @@ def _bias_scalars_host(
     # Reading CPU tensors is no device sync.
     if not steps:
         return [], []
-    values = torch.stack([s.detach().reshape(()).to(torch.float64) for s in steps]).tolist()
+    values = torch.stack([s if s.dim() == 0 else s.reshape(()) for s in steps]).to(torch.float64).tolist()
     # t == 0 only for a step a fused optimizer skipped (and undid); that split is discarded anyway
     return (
         [lr / (1.0 - beta1**t) if t > 0 else math.nan for t in values],
@@ -501,13 +582,16 @@ def _bias_scalars_device(
     steps: list[Tensor], lr: float, beta1: float, beta2: float
 ) -> tuple[list[float | Tensor], list[float | Tensor]]:
     # `step` on an accelerator (e.g. a state moved there by hand): stay there (0-d tensors) instead of syncing.
-    step_size: list[float | Tensor] = []
-    bc2: list[float | Tensor] = []
-    for s in steps:
-        t = s.detach().reshape(()).to(torch.float64)
-        step_size.append(lr / (1.0 - torch.pow(beta1, t)))
-        bc2.append(torch.sqrt(1.0 - torch.pow(beta2, t)))
-    return step_size, bc2
+    if not steps:
+        return [], []
+    t = _stacked_steps(steps)
+    if t is None:
+        pairs = [_bias_scalars_device([s], lr, beta1, beta2) for s in steps]
+        return [p[0][0] for p in pairs], [p[1][0] for p in pairs]
+    t = t.to(torch.float64)
+    step_size = lr / (1.0 - torch.pow(beta1, t))
+    bc2 = torch.sqrt(1.0 - torch.pow(beta2, t))
+    return list(step_size.unbind(0)), list(bc2.unbind(0))
 
 
 def _slices(item: _Item, chunk: int) -> Iterator[_Item]:
@@ -705,6 +789,8 @@ def _process_bucket(
 def _count_rows(works: list[_GroupWork], acc: _Accumulator) -> None:
     # A tensor counts as updated once even when split in slices (weights make replicated shards sum to one).
     for w in works:
+        if w.static:
+            continue  # the packed path wrote its counts with its sums
         by_device: dict[torch.device, tuple[list[int], list[float]]] = {}
         for it in w.items:
             rows, weights = by_device.setdefault(it.p.device, ([], []))
@@ -776,42 +862,37 @@ def _median_denominators(
     return torch.exp((lo + hi) / 2.0)
 
 
-def _collect_works(
+def _build_works(
     param_groups: Sequence[Mapping[str, Any]],
     state: Mapping[Tensor, Mapping[str, Any]],
     adam_family: bool,
     snapshot: Mapping[Tensor, Tensor] | None,
     reduce: ShardReduce | None,
 ) -> tuple[list[_GroupWork], int]:
+    """Which tensors take part, with their rows and names; the per-step scalars come from :func:`_set_scalars`."""
     works: list[_GroupWork] = []
     labels = _unique_labels([group_label(g, i) for i, g in enumerate(param_groups)])
     row = 0
     coupled = 0
     for gi, group in enumerate(param_groups):
         kind = group_kind(group, adam_family)
-        names = param_labels(group, gi)
-        lr = _scalar(group.get("lr", 0.0))
-        wd = _scalar(group.get("weight_decay", 0.0))
-        betas = group.get("betas", (0.0, 0.0))
-        beta1, beta2 = _scalar(betas[0]), _scalar(betas[1])
         work = _GroupWork(
             index=gi,
             label=labels[gi],
             kind=kind,
-            lr=lr,
-            weight_decay=wd,
-            beta1=beta1,
-            eps=_scalar(group.get("eps", 0.0)),
-            maximize=bool(group.get("maximize", False)),
+            lr=0.0,
+            weight_decay=0.0,
+            beta1=0.0,
+            eps=0.0,
+            maximize=False,
             rows=[],
-            names=names,
+            names=param_labels(group, gi),
             numels=[],
             items=[],
         )
         if kind == "adam_l2":
             work.coupled_index = coupled
             coupled += 1
-        pending: list[tuple[_Item, Tensor]] = []
         for p in group["params"]:
             work.rows.append(row)
             work.numels.append(int(p.numel()))
@@ -827,31 +908,232 @@ def _collect_works(
                 st = state.get(p, {})
                 if "exp_avg" in st and "step" in st:
                     v = st["max_exp_avg_sq"] if group.get("amsgrad", False) else st["exp_avg_sq"]
-                    item = _Item(
-                        row=row,
-                        weight=weight,
-                        p=_local(p),
-                        m=_local(st["exp_avg"]),
-                        v=_local(v),
-                        g=_local(p.grad) if kind == "adam_l2" else None,
+                    work.items.append(
+                        _Item(
+                            row=row,
+                            weight=weight,
+                            p=_local(p),
+                            m=_local(st["exp_avg"]),
+                            v=_local(v),
+                            g=_local(p.grad) if kind == "adam_l2" else None,
+                            state=st,
+                            ndim=p.dim(),
+                            param=p,
+                        )
                     )
-                    step = st["step"] if isinstance(st["step"], Tensor) else torch.tensor(float(st["step"]))
-                    pending.append((item, step))
             row += 1
-        steps = [s for _, s in pending]
+        works.append(work)
+    return works, row
+
+
+def _set_scalars(works: list[_GroupWork], param_groups: Sequence[Mapping[str, Any]]) -> None:
+    """This step's learning rate, decay, betas and per-tensor bias corrections (they change every step)."""
+    for work in works:
+        group = param_groups[work.index]
+        work.lr = _scalar(group.get("lr", 0.0))
+        work.weight_decay = _scalar(group.get("weight_decay", 0.0))
+        betas = group.get("betas", (0.0, 0.0))
+        work.beta1, beta2 = _scalar(betas[0]), _scalar(betas[1])
+        work.eps = _scalar(group.get("eps", 0.0))
+        work.maximize = bool(group.get("maximize", False))
+        if work.kind == "generic" or not work.items:
+            continue
+        steps = []
+        for item in work.items:
+            if work.kind == "adam_l2":
+                item.g = _local(item.param.grad)  # type: ignore[union-attr,arg-type]
+            step = item.state["step"]  # type: ignore[index]
+            steps.append(step if isinstance(step, Tensor) else torch.tensor(float(step)))
         # capturable Adam, and the fused CUDA kernel, compute the bias corrections from the float32 `step` in
         # float32 (measured: fused CUDA AdamW's first step is 6.4e-6 smaller than with float64 corrections);
         # the CPU fused kernel and the default implementations use float64.
         float32_replay = bool(group.get("capturable", False)) or (
             bool(group.get("fused", False)) and any(t.device.type != "cpu" for t in steps)
         )
-        step_sizes, bc2 = _bias_scalars(steps, lr, beta1, beta2, float32_replay)
-        for (item, _), ss, b2 in zip(pending, step_sizes, bc2, strict=True):
+        step_sizes, bc2 = _bias_scalars(steps, work.lr, work.beta1, beta2, float32_replay)
+        for item, ss, b2 in zip(work.items, step_sizes, bc2, strict=True):
             item.step_size = ss
             item.bc2_sqrt = b2
-            work.items.append(item)
-        works.append(work)
-    return works, row
+        work.device_scalars = None
+        if isinstance(step_sizes[0], Tensor) and len({t.device for t in step_sizes}) == 1:  # type: ignore[union-attr]
+            work.device_scalars = (torch.stack(step_sizes), torch.stack(bc2))  # type: ignore[arg-type]
+
+
+def _collect_works(
+    param_groups: Sequence[Mapping[str, Any]],
+    state: Mapping[Tensor, Mapping[str, Any]],
+    adam_family: bool,
+    snapshot: Mapping[Tensor, Tensor] | None,
+    reduce: ShardReduce | None,
+) -> tuple[list[_GroupWork], int]:
+    works, rows = _build_works(param_groups, state, adam_family, snapshot, reduce)
+    _set_scalars(works, param_groups)
+    return works, rows
+
+
+def _data_ptr(t: Tensor) -> int:
+    # a DTensor's own data_ptr is not its shard's; FSDP1 swaps `param.data`, which changes the pointer
+    return getattr(t, "_local_tensor", t).data_ptr()
+
+
+def _signature(
+    param_groups: Sequence[Mapping[str, Any]], state: Mapping[Tensor, Mapping[str, Any]], adam_family: bool
+) -> tuple[Any, ...] | None:
+    """What a cached plan depends on: which tensors, where their memory is, which state tensors; ``None`` when
+    nothing may be cached (snapshot-based groups)."""
+    sig: list[Any] = []
+    for group in param_groups:
+        kind = group_kind(group, adam_family)
+        if kind == "generic":
+            return None
+        amsgrad = bool(group.get("amsgrad", False))
+        sig.append((kind, amsgrad, len(group["params"]), group.get("name"), id(group.get("param_names"))))
+        for p in group["params"]:
+            st = state.get(p)
+            if p.grad is None or not st or "exp_avg" not in st or "step" not in st:
+                sig.append(id(p))
+                continue
+            v = st["max_exp_avg_sq"] if amsgrad else st["exp_avg_sq"]
+            sig.append((id(p), _data_ptr(p), id(st), id(st["exp_avg"]), id(v)))
+    return tuple(sig)
+
+
+@dataclass
+class _Plan:
+    """What :func:`_split_from_groups` may reuse from one step to the next for the same optimizer."""
+
+    signature: tuple[Any, ...]
+    reduce: ShardReduce | None
+    chunk_numel: int | None
+    works: list[_GroupWork]
+    num_rows: int
+    packed: dict[int, list[PackedBucket]]
+
+
+#: Plans of the optimizers seen by :func:`update_split`, dropped with the optimizer.
+_PLANS: weakref.WeakKeyDictionary[Any, _Plan] = weakref.WeakKeyDictionary()
+
+
+def _packed_chunk(items: list[_Item], chunk_numel: int | None) -> int:
+    if chunk_numel is not None:
+        return max(1, int(chunk_numel))
+    # Two float32 scratch buffers of `chunk` elements: 1/16 of the parameters' bytes in all, but at least 1 MiB
+    # each (fewer, larger kernels for a small model, whose extra megabytes do not matter).
+    total = sum(it.p.numel() * it.p.element_size() for it in items)
+    return int(min(max(total // 128, _PACKED_MIN_CHUNK), _MAX_AUTO_CHUNK))
+
+
+def _packed_layouts(works: list[_GroupWork], chunk_numel: int | None) -> dict[int, list[PackedBucket]]:
+    out: dict[int, list[PackedBucket]] = {}
+    for w in works:
+        if w.kind != "adamw" or not w.items:
+            continue
+        chunk = _packed_chunk(w.items, chunk_numel)
+        sources = [
+            PieceSource(item=j, p=it.p, m=it.m, v=it.v, ndim=it.ndim)  # type: ignore[arg-type]
+            for j, it in enumerate(w.items)
+        ]
+        out[w.index] = build_layout(sources, chunk)
+    return out
+
+
+def _plan(
+    param_groups: Sequence[Mapping[str, Any]],
+    state: Mapping[Tensor, Mapping[str, Any]],
+    adam_family: bool,
+    snapshot: Mapping[Tensor, Tensor] | None,
+    reduce: ShardReduce | None,
+    chunk_numel: int | None,
+    cache_key: Any,
+) -> _Plan:
+    """The cached plan of ``cache_key`` (an optimizer) when nothing it depends on changed, else a new one."""
+    signature = _signature(param_groups, state, adam_family) if snapshot is None else None
+    cached = _PLANS.get(cache_key) if cache_key is not None and signature is not None else None
+    if (
+        cached is not None
+        and cached.signature == signature
+        and cached.reduce is reduce
+        and cached.chunk_numel == chunk_numel
+    ):
+        _set_scalars(cached.works, param_groups)
+        return cached
+    works, num_rows = _collect_works(param_groups, state, adam_family, snapshot, reduce)
+    plan = _Plan(
+        signature=signature or (),
+        reduce=reduce,
+        chunk_numel=chunk_numel,
+        works=works,
+        num_rows=num_rows,
+        packed=_packed_layouts(works, chunk_numel),
+    )
+    if cache_key is not None and signature is not None:
+        _PLANS[cache_key] = plan
+    return plan
+
+
+def _item_vector(values: list[float | Tensor], device: torch.device) -> Tensor:
+    """Per-item scalars as one float64 vector on ``device`` (float32 on MPS): host floats are sent in one copy,
+    device scalars stacked in one kernel."""
+    dtype = _acc_dtype(device)
+    if all(isinstance(v, float) for v in values):
+        return _host_to(values, dtype, device)
+    if len(values) == 1 and isinstance(values[0], Tensor) and values[0].dim() == 1:  # already the vector
+        return values[0].to(device=device, dtype=dtype)
+    return torch.stack([torch.as_tensor(v, device=device).to(dtype) for v in values])
+
+
+def _process_packed(work: _GroupWork, buckets: list[PackedBucket], acc: _Accumulator) -> None:
+    """Sums of an AdamW group through :mod:`lightning_adamw.packed_sums` (see there)."""
+    items = work.items
+    # eta*u = s * m / (sqrt(v) + c*eps) with c = sqrt(1 - beta2^t), s = lr / (1 - beta1^t) * c
+    eps_scaled: list[Any]
+    scale: list[Any]
+    if work.device_scalars is not None:  # a few kernels on the vectors, not several per tensor
+        ss_vec, bc2_vec = work.device_scalars
+        eps_scaled, scale = [bc2_vec * work.eps], [ss_vec * bc2_vec]
+    else:
+        eps_scaled = [it.bc2_sqrt * work.eps for it in items]
+        scale = [it.step_size * it.bc2_sqrt for it in items]  # type: ignore[operator]
+    eps_common, scale_common = _uniform_float(eps_scaled), _uniform_float(scale)
+    per_device: dict[torch.device, tuple[Tensor, Tensor | float, Tensor | float]] = {}
+    for bucket in buckets:
+        if bucket.device not in per_device:
+            dev = bucket.device
+            per_device[dev] = (
+                torch.zeros(len(items), 4, dtype=_acc_dtype(dev), device=dev),
+                eps_common if eps_common is not None else _item_vector(eps_scaled, dev),  # type: ignore[arg-type]
+                scale_common if scale_common is not None else _item_vector(scale, dev),  # type: ignore[arg-type]
+            )
+        out, eps_arg, scale_arg = per_device[bucket.device]
+        adamw_item_sums(bucket, eps_arg, scale_arg, out)
+    for device, (out, _, scale_arg) in per_device.items():
+        adt = out.dtype
+        if device not in work.static:
+            # items of other devices (a model split over devices) get zero rows here
+            here = [1.0 if it.p.device == device else 0.0 for it in items]
+            rows = _host_to([it.row for it in items], torch.int64, device)
+            numel = _host_to(
+                [float(it.p.numel()) * h for it, h in zip(items, here, strict=True)], adt, device
+            )
+            weights = [it.weight for it in items]
+            weight = _host_to(weights, adt, device).unsqueeze(1) if any(w != 1.0 for w in weights) else None
+            work.static[device] = (rows, numel, _host_to(here, adt, device), weight)
+        rows, numel, count, weight = work.static[device]
+        col_b = out[:, 0] * scale_arg * scale_arg
+        col_e = out[:, 1] * scale_arg
+        zeros = torch.zeros_like(col_b)
+        block = torch.stack([out[:, 3], col_b, col_e, out[:, 2], zeros, zeros, numel, count], dim=1)
+        if weight is not None:
+            block = block * weight
+        acc.table(device).index_add_(0, rows, block)
+
+
+def _uniform_float(values: list[Any]) -> float | None:
+    """The common value of a list of host floats, else ``None`` (steps differ, or scalars on a device)."""
+    first = values[0] if values else None
+    if not isinstance(first, float) or any(not isinstance(v, float) or v != first for v in values):
+        return None
+    return first
 
 
 def _auto_chunk(works: list[_GroupWork], chunk_numel: int | None) -> int:
@@ -873,14 +1155,19 @@ def _split_from_groups(
     reduce: ShardReduce | None = None,
     found_inf: Tensor | None = None,
     grad_scale: Tensor | None = None,
+    cache_key: Any = None,
 ) -> UpdateSplit:
     with torch.no_grad():
-        works, num_rows = _collect_works(param_groups, state, adam_family, snapshot, reduce)
+        plan = _plan(param_groups, state, adam_family, snapshot, reduce, chunk_numel, cache_key)
+        works, num_rows = plan.works, plan.num_rows
         chunk = _auto_chunk(works, chunk_numel)
         num_coupled = sum(1 for w in works if w.kind == "adam_l2")
         acc = _Accumulator(num_rows, num_coupled)
         main = _main_device(works)
         for w in works:
+            if w.index in plan.packed:
+                _process_packed(w, plan.packed[w.index], acc)
+                continue
             for bucket in _buckets(w.items, chunk):
                 _process_bucket(w, bucket, acc, grad_scale)
         _count_rows(works, acc)
@@ -931,24 +1218,18 @@ def _split_from_groups(
             for k in range(_K):
                 totals[k] += sums[k]
             group_rounding = max(group_rounding, rounding)
-            raw = derive_metrics(
-                w.kind,
-                sums,
-                lr=w.lr,
-                weight_decay=w.weight_decay,
-                beta1=w.beta1,
-                group_level=False,
-                rounding=rounding,
-            )
-            metrics = {k: v for k, v in raw.items() if math.isfinite(v)} if finite else {}
             tensors.append(
                 TensorSplit(
                     name=name,
                     group=w.label,
                     kind=w.kind,
                     numel=round(sums[_NUMEL]),
-                    metrics=metrics,
                     finite=finite,
+                    sums=sums,
+                    lr=w.lr,
+                    weight_decay=w.weight_decay,
+                    beta1=w.beta1,
+                    rounding=rounding,
                 )
             )
         if not tensors:
@@ -1031,6 +1312,7 @@ def update_split(
         reduce=reduce,
         found_inf=getattr(optimizer, "found_inf", None),
         grad_scale=getattr(optimizer, "grad_scale", None),
+        cache_key=optimizer,
     )
 
 

@@ -1,0 +1,197 @@
+"""The packed fast path of AdamW groups: layout, sums against float64 references, and the per-optimizer plan cache."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import lightning_adamw.update_split as us
+from lightning_adamw.packed_sums import BLOCK, PieceSource, adamw_item_sums, build_layout
+from lightning_adamw.param_groups import build_param_groups
+from lightning_adamw.update_split import update_split
+from tests.scripts.monitor_common import compare_metrics, reference_metrics
+from tests.test_update_split import snapshot_record
+
+
+def _sources(
+    shapes: list[tuple[int, ...]], dtype: torch.dtype = torch.float32, seed: int = 0
+) -> list[PieceSource]:
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for j, shape in enumerate(shapes):
+        p = torch.randn(shape, generator=gen).to(dtype)
+        m = (torch.randn(shape, generator=gen) * 1e-2).to(dtype)
+        v = (torch.rand(shape, generator=gen) * 1e-4).to(dtype)
+        out.append(PieceSource(item=j, p=p.reshape(-1), m=m.reshape(-1), v=v.reshape(-1), ndim=len(shape)))
+    return out
+
+
+def _reference(src: PieceSource, eps_scaled: float, scale: float) -> list[float]:
+    p, m, v = (t.double() for t in (src.p, src.m, src.v))
+    x = m / (v.sqrt() + eps_scaled)
+    return [
+        float((x * x).sum()),
+        float((p * x).sum()),
+        float(((p + scale * x) ** 2).sum()),
+        float((p * p).sum()),
+    ]
+
+
+SHAPES = [(300, 7), (1000,), (5,), (64, 64), (1,), (BLOCK,), (3, BLOCK + 1), (0,), (17,)]
+
+
+@pytest.mark.parametrize("chunk", [64, 700, 5000, 1 << 20])
+def test_layout_covers_every_element_once_within_the_chunk(chunk: int) -> None:
+    sources = _sources(SHAPES)
+    buckets = build_layout(sources, chunk)
+    covered = [0] * len(sources)
+    for b in buckets:
+        sizes = b.split_sizes[0::2]
+        assert sum(sizes) <= chunk  # the extra memory bound: never an overfilled bucket
+        assert b.padded_numel % BLOCK == 0 and b.padded_numel == sum(b.split_sizes)
+        assert b.block_item_index.numel() == b.padded_numel // BLOCK
+        for j, size in zip(b.piece_item, sizes, strict=True):
+            covered[j] += size
+        # 1-D pieces and 2-D pieces never share a bucket (float64 vs float32 products)
+        assert b.compute_dtype == (
+            torch.float64 if {sources[j].ndim for j in b.piece_item} == {1} else torch.float32
+        )
+    assert covered == [s.p.numel() for s in sources]
+
+
+@pytest.mark.parametrize("chunk", [64, 700, 1 << 20])
+@pytest.mark.parametrize("uniform", [True, False], ids=["same_step", "steps_differ"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_item_sums_match_float64(chunk: int, uniform: bool, dtype: torch.dtype) -> None:
+    sources = _sources(SHAPES, dtype)
+    eps = [0.03e-8 if uniform else (0.01 + 0.001 * j) * 1e-8 for j in range(len(sources))]
+    scale = [1e-3 if uniform else 1e-3 * (1 + 0.1 * j) for j in range(len(sources))]
+    out = torch.zeros(len(sources), 4, dtype=torch.float64)
+    eps_arg = eps[0] if uniform else torch.tensor(eps, dtype=torch.float64)
+    scale_arg = scale[0] if uniform else torch.tensor(scale, dtype=torch.float64)
+    for b in build_layout(sources, chunk):
+        adamw_item_sums(b, eps_arg, scale_arg, out)
+    for j, src in enumerate(sources):
+        want = _reference(src, eps[j], scale[j])
+        for got, ref in zip(out[j].tolist(), want, strict=True):
+            assert got == pytest.approx(ref, rel=1e-6, abs=1e-12), (j, out[j].tolist(), want)
+
+
+def test_device_scalars_and_zero_eps() -> None:
+    """Per-item vectors of scalars (as capturable / fused accelerator optimizers give) and eps = 0 (the padding
+    must not divide 0/0)."""
+    sources = _sources(SHAPES[:4])
+    out_t = torch.zeros(4, 4, dtype=torch.float64)
+    out_f = torch.zeros(4, 4, dtype=torch.float64)
+    for b in build_layout(sources, 900):
+        adamw_item_sums(b, torch.zeros(4), torch.full((4,), 2e-3), out_t)
+        adamw_item_sums(b, 0.0, 2e-3, out_f)
+    assert torch.isfinite(out_t).all()
+    torch.testing.assert_close(out_t, out_f, rtol=1e-9, atol=0.0)  # (the 0-d scalars are float32)
+    for j, src in enumerate(sources):
+        assert out_f[j].tolist() == pytest.approx(_reference(src, 0.0, 2e-3), rel=1e-6)
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 32), nn.LayerNorm(32), nn.ReLU(), nn.Linear(32, 4))
+
+
+def _step_and_check(
+    model: nn.Module, opt: torch.optim.Optimizer, step: int, cos_atol: float = 1e-6, **kwargs: Any
+) -> us.UpdateSplit:
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(step))
+
+    def closure() -> None:
+        opt.zero_grad()
+        model(x).square().mean().backward()
+
+    record = snapshot_record(opt, step, closure)
+    split = update_split(opt, **kwargs)
+    bad = compare_metrics(split.metrics(per_layer=True), reference_metrics(record), 1e-5, cos_atol)
+    assert bad == {}, (step, bad)
+    return split
+
+
+def test_plan_is_cached_and_follows_changes() -> None:
+    model = _model()
+    opt = torch.optim.AdamW(build_param_groups(model, 0.1), lr=1e-2)
+    _step_and_check(model, opt, 0)
+    plan = us._PLANS[opt]
+    _step_and_check(model, opt, 1)
+    assert us._PLANS[opt] is plan  # reused: same tensors, same state
+
+    # optimizer state replaced (a checkpoint loaded): new state tensors, new plan, still exact
+    opt.load_state_dict(opt.state_dict())
+    _step_and_check(model, opt, 2)
+    assert us._PLANS[opt] is not plan
+    plan = us._PLANS[opt]
+
+    # parameter storage swapped under the same Parameter (as FSDP1 does with `.data`)
+    with torch.no_grad():
+        model[0].weight.data = model[0].weight.data.clone()
+    _step_and_check(model, opt, 3)
+    assert us._PLANS[opt] is not plan
+
+    # a parameter without a gradient this step is left out, and counted again when it has one
+    model[3].weight.requires_grad_(False)
+    split = _step_and_check(model, opt, 4)
+    assert "3.weight" not in {t.name for g in split.groups for t in g.tensors}
+    model[3].weight.requires_grad_(True)
+    split = _step_and_check(model, opt, 5)
+    assert "3.weight" in {t.name for g in split.groups for t in g.tensors}
+
+
+def test_cached_plan_reads_each_steps_scalars() -> None:
+    """lr and weight decay change every step under a scheduler; the cached plan must not keep old ones."""
+    model = _model()
+    opt = torch.optim.AdamW(build_param_groups(model, 0.1), lr=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+    for step in range(4):
+        opt.param_groups[0]["weight_decay"] = 0.1 * (step + 1)
+        # (the snapshot reference's "gradient update" w_old*(1 - lr*wd) - w_new carries the float32 rounding of
+        # the decay multiplication, which grows with wd: 1e-6 of cosine at wd = 0.3 on this model)
+        split = _step_and_check(model, opt, step, cos_atol=1e-5)
+        decay = next(g for g in split.groups if g.name == "decay")
+        assert decay.lr == pytest.approx(1e-2 / (1 + step))
+        assert decay.weight_decay == pytest.approx(0.1 * (step + 1))
+        assert decay.metrics["ema_timescale_steps"] == pytest.approx(1.0 / (decay.lr * decay.weight_decay))
+        sched.step()
+
+
+def test_tensor_metrics_are_derived_on_demand() -> None:
+    model = _model()
+    opt = torch.optim.AdamW(build_param_groups(model, 0.1), lr=1e-2)
+    split = _step_and_check(model, opt, 0)
+    fresh = update_split(opt)
+    tensor = fresh.groups[0].tensors[0]
+    assert tensor._metrics is None  # group metrics alone do not build the per-tensor dicts
+    fresh.metrics()
+    assert tensor._metrics is None
+    layer = fresh.metrics(per_layer=True)
+    assert tensor._metrics is not None and layer == split.metrics(per_layer=True)
+    assert all(math.isfinite(v) for v in layer.values())
+
+
+def test_device_scalar_path_agrees_with_host_path() -> None:
+    """Capturable / fused accelerator optimizers keep ``step`` on the device: the bias corrections are then
+    float32 tensors, handled as vectors. Flagging a CPU optimizer capturable after its step takes that path on
+    the CPU; it must agree with the host path up to the float32 corrections (and keep the plan)."""
+    model = _model()
+    opt = torch.optim.AdamW(build_param_groups(model, 0.1), lr=1e-2)
+    _step_and_check(model, opt, 0)
+    # (from step 1 on: at step 0 the zero-initialised bias is restored to 0 only with the corrections the step
+    # really used, and this optimizer used float64 ones)
+    host = _step_and_check(model, opt, 1).metrics(per_layer=True)
+    for group in opt.param_groups:
+        group["capturable"] = True
+    split = update_split(opt)
+    assert all(w.device_scalars is not None for w in us._PLANS[opt].works if w.items)
+    device = split.metrics(per_layer=True)
+    assert set(device) == set(host)
+    for key, value in host.items():
+        assert device[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
