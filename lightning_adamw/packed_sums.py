@@ -27,9 +27,10 @@ elements, whatever the number of tensors in it:
   kernel per tensor.
 
 Block sums are short (``BLOCK`` elements) and the sums over blocks are float64 (float32 on MPS), so the result is
-as exact as a float64 reduction of the float32 products, without a float64 copy of anything. Pieces of 1-D
-tensors (biases, norm gains) go to separate float64 buckets: an update nearly parallel to such a weight (grown
-from zero by updates of one sign) makes the angle's :math:`B - E^2/N` cancel, so their products must be exact.
+as exact as a float64 reduction of the float32 products, without a float64 copy of anything. Pieces marked
+``exact`` go to float64 buckets, where the products themselves are exact: the caller marks 1-D tensors (biases,
+norm gains), where an update nearly parallel to the weight (grown from zero by updates of one sign) makes the
+angle's :math:`B - E^2/N` cancel; they are a small share of any model.
 
 Extra memory: the two buffers, ``2 * chunk`` elements of the compute dtype (float32 for half-precision
 parameters, whose state is converted while it is gathered), plus ``4 * chunk / BLOCK`` block sums.
@@ -58,8 +59,8 @@ class PieceSource:
     p: Tensor
     m: Tensor
     v: Tensor
-    #: ``ndim`` of the parameter (the flat views above have lost it)
-    ndim: int = 2
+    #: form the products in float64 (1-D tensors, small models; see the module docstring)
+    exact: bool = False
 
 
 @dataclass
@@ -87,11 +88,9 @@ def _compute_dtype(dtype: torch.dtype, exact: bool) -> torch.dtype:
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
-def _exact(src: PieceSource, ndim: int) -> bool:
-    # Biases and gains (1-D) are where an update nearly parallel to the weight (a weight grown from zero by
-    # updates of one sign) makes the angle's B - E^2/N cancel: their products are formed in float64 (they are a
-    # small share of any model). MPS has no float64.
-    return ndim <= 1 and src.p.device.type != "mps" and src.p.dtype != torch.float64
+def _exact(src: PieceSource) -> bool:
+    # MPS has no float64; float64 parameters are exact already.
+    return src.exact and src.p.device.type != "mps" and src.p.dtype != torch.float64
 
 
 def _to_device(values: Sequence[int], device: torch.device) -> Tensor:
@@ -130,7 +129,7 @@ def build_layout(sources: Sequence[PieceSource], chunk: int) -> list[PackedBucke
         n = src.p.numel()
         if n == 0:
             continue
-        key = (src.p.device, src.p.dtype, _exact(src, src.ndim))
+        key = (src.p.device, src.p.dtype, _exact(src))
         start = 0
         while start < n:
             bucket = open_.setdefault(key, fresh(key))

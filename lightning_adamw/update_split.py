@@ -520,8 +520,6 @@ class _GroupWork:
     items: list[_Item]
     rounding: list[float] = field(default_factory=list)
     coupled_index: int = -1
-    #: per device: row index, numel column and replica weights of the packed path (fixed while the plan lives)
-    static: dict[torch.device, tuple[Tensor, Tensor, Tensor, Tensor | None]] = field(default_factory=dict)
     #: ``(step_size, bc2_sqrt)`` of all items as two vectors when they live on a device (capturable / fused)
     device_scalars: tuple[Tensor, Tensor] | None = None
 
@@ -786,10 +784,10 @@ def _process_bucket(
     acc.add_rows(device, [it.row for it in bucket], block)
 
 
-def _count_rows(works: list[_GroupWork], acc: _Accumulator) -> None:
+def _count_rows(works: list[_GroupWork], acc: _Accumulator, skip: set[int]) -> None:
     # A tensor counts as updated once even when split in slices (weights make replicated shards sum to one).
     for w in works:
-        if w.static:
+        if w.index in skip:
             continue  # the packed path wrote its counts with its sums
         by_device: dict[torch.device, tuple[list[int], list[float]]] = {}
         for it in w.items:
@@ -980,7 +978,7 @@ def _signature(
     param_groups: Sequence[Mapping[str, Any]], state: Mapping[Tensor, Mapping[str, Any]], adam_family: bool
 ) -> tuple[Any, ...] | None:
     """What a cached plan depends on: which tensors, where their memory is, which state tensors; ``None`` when
-    nothing may be cached (snapshot-based groups)."""
+    nothing may be cached (snapshot-based groups, or a tensor whose flat view would be a copy)."""
     sig: list[Any] = []
     for group in param_groups:
         kind = group_kind(group, adam_family)
@@ -994,6 +992,8 @@ def _signature(
                 sig.append(id(p))
                 continue
             v = st["max_exp_avg_sq"] if amsgrad else st["exp_avg_sq"]
+            if not all(getattr(t, "_local_tensor", t).is_contiguous() for t in (p, st["exp_avg"], v)):
+                return None  # `reshape(-1)` copies a non-contiguous tensor: a cached copy would go stale
             sig.append((id(p), _data_ptr(p), id(st), id(st["exp_avg"]), id(v)))
     return tuple(sig)
 
@@ -1007,7 +1007,8 @@ class _Plan:
     chunk_numel: int | None
     works: list[_GroupWork]
     num_rows: int
-    packed: dict[int, list[PackedBucket]]
+    #: the AdamW groups' items, all groups together, and their packed layout
+    packed: _Packed | None
 
 
 #: Plans of the optimizers seen by :func:`update_split`, dropped with the optimizer.
@@ -1023,18 +1024,38 @@ def _packed_chunk(items: list[_Item], chunk_numel: int | None) -> int:
     return int(min(max(total // 128, _PACKED_MIN_CHUNK), _MAX_AUTO_CHUNK))
 
 
-def _packed_layouts(works: list[_GroupWork], chunk_numel: int | None) -> dict[int, list[PackedBucket]]:
-    out: dict[int, list[PackedBucket]] = {}
-    for w in works:
-        if w.kind != "adamw" or not w.items:
-            continue
-        chunk = _packed_chunk(w.items, chunk_numel)
-        sources = [
-            PieceSource(item=j, p=it.p, m=it.m, v=it.v, ndim=it.ndim)  # type: ignore[arg-type]
-            for j, it in enumerate(w.items)
-        ]
-        out[w.index] = build_layout(sources, chunk)
-    return out
+@dataclass
+class _Packed:
+    """All AdamW items of an optimizer (every decoupled group) laid out together for :mod:`packed_sums`."""
+
+    works: list[_GroupWork]
+    items: list[_Item]
+    buckets: list[PackedBucket]
+    #: per device: row index, numel, count (1 for the items on that device) and replica weights
+    static: dict[torch.device, tuple[Tensor, Tensor, Tensor, Tensor | None]] = field(default_factory=dict)
+
+    @property
+    def indices(self) -> set[int]:
+        return {w.index for w in self.works}
+
+
+def _packed_layout(works: list[_GroupWork], chunk_numel: int | None) -> _Packed | None:
+    adamw = [w for w in works if w.kind == "adamw" and w.items]
+    if not adamw:
+        return None
+    items = [it for w in adamw for it in w.items]
+    chunk = _packed_chunk(items, chunk_numel)
+    # 1-D tensors get float64 products (see packed_sums); measured: float64 throughout is twice as slow on the
+    # CPU even for a small model, so the others stay in their own float32 buckets.
+    sources = [
+        PieceSource(item=j, p=it.p, m=it.m, v=it.v, exact=it.ndim <= 1)  # type: ignore[arg-type]
+        for j, it in enumerate(items)
+    ]
+    return _Packed(
+        works=adamw,
+        items=items,
+        buckets=build_layout(sources, chunk),
+    )
 
 
 def _plan(
@@ -1064,7 +1085,7 @@ def _plan(
         chunk_numel=chunk_numel,
         works=works,
         num_rows=num_rows,
-        packed=_packed_layouts(works, chunk_numel),
+        packed=_packed_layout(works, chunk_numel),
     )
     if cache_key is not None and signature is not None:
         _PLANS[cache_key] = plan
@@ -1082,33 +1103,37 @@ def _item_vector(values: list[float | Tensor], device: torch.device) -> Tensor:
     return torch.stack([torch.as_tensor(v, device=device).to(dtype) for v in values])
 
 
-def _process_packed(work: _GroupWork, buckets: list[PackedBucket], acc: _Accumulator) -> None:
-    """Sums of an AdamW group through :mod:`lightning_adamw.packed_sums` (see there)."""
-    items = work.items
+def _process_packed(packed: _Packed, acc: _Accumulator) -> None:
+    """Sums of all AdamW groups through :mod:`lightning_adamw.packed_sums` (see there)."""
+    items = packed.items
     # eta*u = s * m / (sqrt(v) + c*eps) with c = sqrt(1 - beta2^t), s = lr / (1 - beta1^t) * c
     eps_scaled: list[Any]
     scale: list[Any]
-    if work.device_scalars is not None:  # a few kernels on the vectors, not several per tensor
-        ss_vec, bc2_vec = work.device_scalars
-        eps_scaled, scale = [bc2_vec * work.eps], [ss_vec * bc2_vec]
+    if all(
+        w.device_scalars is not None for w in packed.works
+    ):  # a few kernels on vectors, not some per tensor
+        vectors = [w.device_scalars for w in packed.works]
+        bc2_vec = torch.cat([v[1] for v in vectors])  # type: ignore[index]
+        eps_vec = torch.cat([v[1] * w.eps for v, w in zip(vectors, packed.works, strict=True)])  # type: ignore[index]
+        eps_scaled, scale = [eps_vec], [torch.cat([v[0] for v in vectors]) * bc2_vec]  # type: ignore[index]
     else:
-        eps_scaled = [it.bc2_sqrt * work.eps for it in items]
+        eps_scaled = [it.bc2_sqrt * w.eps for w in packed.works for it in w.items]
         scale = [it.step_size * it.bc2_sqrt for it in items]  # type: ignore[operator]
     eps_common, scale_common = _uniform_float(eps_scaled), _uniform_float(scale)
     per_device: dict[torch.device, tuple[Tensor, Tensor | float, Tensor | float]] = {}
-    for bucket in buckets:
+    for bucket in packed.buckets:
         if bucket.device not in per_device:
             dev = bucket.device
             per_device[dev] = (
                 torch.zeros(len(items), 4, dtype=_acc_dtype(dev), device=dev),
-                eps_common if eps_common is not None else _item_vector(eps_scaled, dev),  # type: ignore[arg-type]
-                scale_common if scale_common is not None else _item_vector(scale, dev),  # type: ignore[arg-type]
+                eps_common if eps_common is not None else _item_vector(eps_scaled, dev),
+                scale_common if scale_common is not None else _item_vector(scale, dev),
             )
         out, eps_arg, scale_arg = per_device[bucket.device]
         adamw_item_sums(bucket, eps_arg, scale_arg, out)
     for device, (out, _, scale_arg) in per_device.items():
         adt = out.dtype
-        if device not in work.static:
+        if device not in packed.static:
             # items of other devices (a model split over devices) get zero rows here
             here = [1.0 if it.p.device == device else 0.0 for it in items]
             rows = _host_to([it.row for it in items], torch.int64, device)
@@ -1117,8 +1142,8 @@ def _process_packed(work: _GroupWork, buckets: list[PackedBucket], acc: _Accumul
             )
             weights = [it.weight for it in items]
             weight = _host_to(weights, adt, device).unsqueeze(1) if any(w != 1.0 for w in weights) else None
-            work.static[device] = (rows, numel, _host_to(here, adt, device), weight)
-        rows, numel, count, weight = work.static[device]
+            packed.static[device] = (rows, numel, _host_to(here, adt, device), weight)
+        rows, numel, count, weight = packed.static[device]
         col_b = out[:, 0] * scale_arg * scale_arg
         col_e = out[:, 1] * scale_arg
         zeros = torch.zeros_like(col_b)
@@ -1164,13 +1189,14 @@ def _split_from_groups(
         num_coupled = sum(1 for w in works if w.kind == "adam_l2")
         acc = _Accumulator(num_rows, num_coupled)
         main = _main_device(works)
+        packed = plan.packed.indices if plan.packed is not None else set()
+        if plan.packed is not None:
+            _process_packed(plan.packed, acc)
         for w in works:
-            if w.index in plan.packed:
-                _process_packed(w, plan.packed[w.index], acc)
-                continue
-            for bucket in _buckets(w.items, chunk):
-                _process_bucket(w, bucket, acc, grad_scale)
-        _count_rows(works, acc)
+            if w.index not in packed:
+                for bucket in _buckets(w.items, chunk):
+                    _process_bucket(w, bucket, acc, grad_scale)
+        _count_rows(works, acc, packed)
         adt = _acc_dtype(main)
         table = torch.zeros(num_rows, _K, dtype=adt, device=main)
         for t in acc.tables.values():

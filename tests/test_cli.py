@@ -40,7 +40,12 @@ def test_top_level_optimizer_flag_keeps_groups(tmp_path: Path) -> None:
     opt = cli.trainer.optimizers[0]
     assert isinstance(opt, torch.optim.AdamW)
     assert groups(cli) == [("decay", 0.2), ("no_decay", 0.0)]
-    assert opt.param_groups[1]["param_names"] == ["body.0.bias", "body.1.weight", "body.1.bias", "body.3.bias"]
+    assert opt.param_groups[1]["param_names"] == [
+        "body.0.bias",
+        "body.1.weight",
+        "body.1.bias",
+        "body.3.bias",
+    ]
     assert opt.param_groups[0]["lr"] == 0.01
 
 
@@ -97,13 +102,23 @@ def test_console_script_and_module_print_config(tmp_path: Path) -> None:
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "lightning_adamw"]
     out = subprocess.run(
         [*cmd, "fit", "--config", str(ROOT / "configs/quickstart.yaml"), "--print_config"],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path, env=_env(), check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env=_env(),
+        check=True,
     ).stdout
     assert "class_path: lightning_adamw.demo.DigitsClassifier" in out
     assert "weight_decay: 0.05" in out
     out = subprocess.run(
         [sys.executable, "-m", "lightning_adamw", "--help"],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path, env=_env(), check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env=_env(),
+        check=True,
     ).stdout
     for sub in ("fit", "validate", "test", "predict"):
         assert sub in out
@@ -112,9 +127,21 @@ def test_console_script_and_module_print_config(tmp_path: Path) -> None:
 def test_quickstart_main_job_trains_and_reports_accuracy(tmp_path: Path) -> None:
     """The README's main command, shortened to 3 epochs: real digits, CSV logs, accuracy well above chance."""
     result = subprocess.run(
-        [sys.executable, "-m", "lightning_adamw", "fit", "--config", str(ROOT / "configs/quickstart.yaml"),
-         "--trainer.max_epochs=3", "--trainer.enable_progress_bar=false"],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path, env=_env(),
+        [
+            sys.executable,
+            "-m",
+            "lightning_adamw",
+            "fit",
+            "--config",
+            str(ROOT / "configs/quickstart.yaml"),
+            "--trainer.max_epochs=3",
+            "--trainer.enable_progress_bar=false",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env=_env(),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "lightning-adamw fit finished: val_acc=" in result.stderr + result.stdout

@@ -269,7 +269,14 @@ def test_decay_options_from_the_command_line(tmp_path: Path) -> None:
 
 def test_bad_decay_pattern_from_the_command_line_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"no_decay_patterns.*'hed\.\*' matches no trainable parameter"):
-        fit(tmp_path, "--config", cfg("gpu.yaml"), TOKEN_MODEL, "--data=null", "--model.no_decay_patterns=[hed.*]")
+        fit(
+            tmp_path,
+            "--config",
+            cfg("gpu.yaml"),
+            TOKEN_MODEL,
+            "--data=null",
+            "--model.no_decay_patterns=[hed.*]",
+        )
 
 
 def expected_lrs(lr: float, warmup: int, total: int, min_ratio: float) -> list[float]:
@@ -347,7 +354,13 @@ def test_wandb_is_offline_unless_wandb_mode_says_otherwise(
         monkeypatch.setenv("WANDB_MODE", preset)
     # Parsing and building the logger does not start a W&B run (that happens when it first logs).
     cli = AdamWCLI(
-        args=["--config", cfg("quickstart.yaml"), "--config", cfg("wandb.yaml"), f"--trainer.default_root_dir={tmp_path}"],
+        args=[
+            "--config",
+            cfg("quickstart.yaml"),
+            "--config",
+            cfg("wandb.yaml"),
+            f"--trainer.default_root_dir={tmp_path}",
+        ],
         run=False,
     )
     assert os.environ["WANDB_MODE"] == expected
@@ -373,7 +386,10 @@ def test_slurm_script_is_valid_bash_and_matches_lightning() -> None:
     assert directives["job-name"] not in ("bash", "interactive")
     assert directives["signal"].startswith("SIGUSR1@")
     assert "srun --kill-on-bad-exit=1" in script
-    assert '--trainer.num_nodes "$SLURM_NNODES"' in script and '--trainer.devices "$SLURM_NTASKS_PER_NODE"' in script
+    assert (
+        '--trainer.num_nodes "$SLURM_NNODES"' in script
+        and '--trainer.devices "$SLURM_NTASKS_PER_NODE"' in script
+    )
 
 
 def test_docs_name_real_configs_and_complete_torchrun_lines() -> None:

@@ -93,7 +93,10 @@ def config_args(*names: str) -> list[str]:
 
 
 def probe_args(out_dir: Path) -> list[str]:
-    return ["--trainer.callbacks+=tests.scripts.cli_probe.RankProbe", f"--trainer.callbacks.out_dir={out_dir}"]
+    return [
+        "--trainer.callbacks+=tests.scripts.cli_probe.RankProbe",
+        f"--trainer.callbacks.out_dir={out_dir}",
+    ]
 
 
 def free_port() -> int:
@@ -107,7 +110,9 @@ def clean_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     env = {
         k: v
         for k, v in os.environ.items()
-        if not k.startswith(_LAUNCH_ENV_PREFIXES) and k not in _LAUNCH_ENV_NAMES and not k.startswith("WANDB_")
+        if not k.startswith(_LAUNCH_ENV_PREFIXES)
+        and k not in _LAUNCH_ENV_NAMES
+        and not k.startswith("WANDB_")
     }
     wandb_root = tmp_path / "wandb_env"
     for name in ("DIR", "CACHE_DIR", "CONFIG_DIR", "DATA_DIR", "ARTIFACT_DIR"):
@@ -212,7 +217,9 @@ class Launched:
         start = time.monotonic()
         deadline = start + timeout
         while any(p.poll() is None for p in self.procs):
-            for p in self.procs:  # remember every descendant while it is alive, to check none outlives the run
+            for (
+                p
+            ) in self.procs:  # remember every descendant while it is alive, to check none outlives the run
                 if p.poll() is None:
                     self.tree.update(process_tree(p.pid))
             if time.monotonic() > deadline:
@@ -236,7 +243,12 @@ def launch(runs: Sequence[tuple[Sequence[str], dict[str, str], Path]], log_dir: 
             with log.open("w") as out:
                 launched.procs.append(
                     subprocess.Popen(
-                        list(command), cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                        list(command),
+                        cwd=cwd,
+                        env=env,
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
                     )
                 )
         yield launched
@@ -389,7 +401,10 @@ def test_ddp_with_wandb_fragment_logs_one_offline_run_from_rank_zero(
     assert [step for step, _ in series] == [1, 3]
     last = records[0]["monitor_last_metrics"][0]
     assert series[-1][1] == pytest.approx(last["adamw/decay/decay_norm"])
-    assert [v for _, v in run.series("adamw/no_decay/decay_norm", step_key="trainer/global_step")] == [0.0, 0.0]
+    assert [v for _, v in run.series("adamw/no_decay/decay_norm", step_key="trainer/global_step")] == [
+        0.0,
+        0.0,
+    ]
     # The group sizes the mixin logs as hyperparameters reach W&B's config.
     assert run.config["param_groups/decay/tensors"] == 4 and run.config["param_groups/no_decay/tensors"] == 8
 
@@ -426,7 +441,9 @@ def test_two_nodes_on_loopback_with_lightning_environment(tmp_path: Path) -> Non
     runs = [
         (
             command,
-            clean_env(tmp_path, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NODE_RANK=str(i), WORLD_SIZE="2"),
+            clean_env(
+                tmp_path, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NODE_RANK=str(i), WORLD_SIZE="2"
+            ),
             node_dirs[i],
         )
         for i in range(2)

@@ -71,7 +71,9 @@ def test_fit_matches_a_hand_written_adamw_loop_step_for_step(tmp_path) -> None:
             step += 1
             if step == 8:
                 break
-    for (name, got), want in zip(model.body.state_dict().items(), reference.state_dict().values(), strict=True):
+    for (name, got), want in zip(
+        model.body.state_dict().items(), reference.state_dict().values(), strict=True
+    ):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7, msg=name)
     # And the no-decay tensors really were not decayed: the same run with decay only on them differs.
     assert not torch.allclose(model.body[0].weight, make_body().requires_grad_(False)[0].weight)
@@ -131,10 +133,15 @@ def test_injected_scheduler_and_plateau_monitor(tmp_path) -> None:
 def test_own_configure_optimizers_with_helper_keeps_full_control(tmp_path) -> None:
     class Custom(TinyRegressor):
         def configure_optimizers(self):
-            return torch.optim.AdamW(self.decoupled_param_groups(weight_decay=0.7), lr=1e-3, betas=(0.9, 0.95))
+            return torch.optim.AdamW(
+                self.decoupled_param_groups(weight_decay=0.7), lr=1e-3, betas=(0.9, 0.95)
+            )
 
     trainer = fit(Custom(), tmp_path, max_steps=1)
-    assert [(n, wd) for n, wd, _ in group_summary(trainer.optimizers[0])] == [("decay", 0.7), ("no_decay", 0.0)]
+    assert [(n, wd) for n, wd, _ in group_summary(trainer.optimizers[0])] == [
+        ("decay", 0.7),
+        ("no_decay", 0.0),
+    ]
 
 
 def test_grouping_options_come_from_hparams(tmp_path) -> None:
@@ -146,7 +153,9 @@ def test_grouping_options_come_from_hparams(tmp_path) -> None:
 
 
 def test_bad_pattern_from_hparams_fails_fit_with_the_option_name(tmp_path) -> None:
-    with pytest.raises(ValueError, match=r"`no_decay_patterns` pattern 'body\.9\.weight' matches no trainable"):
+    with pytest.raises(
+        ValueError, match=r"`no_decay_patterns` pattern 'body\.9\.weight' matches no trainable"
+    ):
         fit(TinyRegressor(no_decay_patterns=["body.9.weight"]), tmp_path, max_steps=1)
 
 
@@ -157,7 +166,9 @@ def test_table_is_printed_once_and_group_sizes_logged_as_hparams(tmp_path, caplo
     tables = [r.getMessage() for r in caplog.records if "lightning-adamw parameter groups" in r.getMessage()]
     assert len(tables) == 1
     assert "norm:LayerNorm" in tables[0] and "bias" in tables[0]
-    hparams = yaml.unsafe_load((tmp_path / "run" / "version_0" / "hparams.yaml").read_text())  # betas is a tuple
+    hparams = yaml.unsafe_load(
+        (tmp_path / "run" / "version_0" / "hparams.yaml").read_text()
+    )  # betas is a tuple
     assert hparams["param_groups/decay/tensors"] == 2
     assert hparams["param_groups/decay/params"] == 6 * 16 + 16
     assert hparams["param_groups/no_decay/tensors"] == 4

@@ -26,7 +26,9 @@ def _sources(
         p = torch.randn(shape, generator=gen).to(dtype)
         m = (torch.randn(shape, generator=gen) * 1e-2).to(dtype)
         v = (torch.rand(shape, generator=gen) * 1e-4).to(dtype)
-        out.append(PieceSource(item=j, p=p.reshape(-1), m=m.reshape(-1), v=v.reshape(-1), ndim=len(shape)))
+        out.append(
+            PieceSource(item=j, p=p.reshape(-1), m=m.reshape(-1), v=v.reshape(-1), exact=len(shape) <= 1)
+        )
     return out
 
 
@@ -56,9 +58,9 @@ def test_layout_covers_every_element_once_within_the_chunk(chunk: int) -> None:
         assert b.block_item_index.numel() == b.padded_numel // BLOCK
         for j, size in zip(b.piece_item, sizes, strict=True):
             covered[j] += size
-        # 1-D pieces and 2-D pieces never share a bucket (float64 vs float32 products)
+        # exact (float64) pieces and the others never share a bucket
         assert b.compute_dtype == (
-            torch.float64 if {sources[j].ndim for j in b.piece_item} == {1} else torch.float32
+            torch.float64 if all(sources[j].exact for j in b.piece_item) else torch.float32
         )
     assert covered == [s.p.numel() for s in sources]
 
@@ -195,3 +197,36 @@ def test_device_scalar_path_agrees_with_host_path() -> None:
     assert set(device) == set(host)
     for key, value in host.items():
         assert device[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+
+
+def test_groups_share_one_layout_and_1d_tensors_get_float64_buckets() -> None:
+    small = _model()
+    opt = torch.optim.AdamW(build_param_groups(small, 0.1), lr=1e-2)
+    _step_and_check(small, opt, 0)
+    packed = us._PLANS[opt].packed
+    assert packed is not None and len(packed.works) == 2  # decay and no_decay groups, one layout
+    assert sorted(str(b.compute_dtype) for b in packed.buckets) == ["torch.float32", "torch.float64"]
+
+    torch.manual_seed(0)
+    large = nn.Sequential(nn.Linear(1100, 1000), nn.LayerNorm(1000))
+    opt = torch.optim.AdamW(build_param_groups(large, 0.1), lr=1e-3)
+    large(torch.randn(4, 1100)).square().mean().backward()
+    opt.step()
+    update_split(opt)
+    buckets = us._PLANS[opt].packed.buckets  # type: ignore[union-attr]
+    by_dtype: dict[torch.dtype, int] = {}
+    for b in buckets:
+        by_dtype[b.compute_dtype] = by_dtype.get(b.compute_dtype, 0) + sum(b.split_sizes[0::2])
+    assert by_dtype == {torch.float32: 1100 * 1000, torch.float64: 3 * 1000}
+
+
+def test_non_contiguous_parameter_is_not_cached_stale() -> None:
+    """A transposed parameter's flat view is a copy: the plan must not keep it from one step to the next."""
+    torch.manual_seed(0)
+    model = _model()
+    model[0].weight = nn.Parameter(torch.randn(8, 32).t())  # (32, 8), not contiguous
+    opt = torch.optim.AdamW(build_param_groups(model, 0.1), lr=1e-2)
+    for step in range(3):
+        # (unit-scale weights: the snapshot reference's float32 rounding of w*(1 - lr*wd) is 1e-6 of cosine)
+        _step_and_check(model, opt, step, cos_atol=1e-5)
+    assert opt not in us._PLANS

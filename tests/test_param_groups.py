@@ -93,7 +93,12 @@ def test_every_torch_norm_bias_and_1d_goes_to_no_decay() -> None:
     assert r["conv.weight"] == (DECAY, "weight")
     assert r["fc.weight"] == (DECAY, "weight")
     assert r["gate"] == (DECAY, "weight")
-    for name, cls in [("bn", "BatchNorm2d"), ("gn", "GroupNorm"), ("inorm", "InstanceNorm2d"), ("ln", "LayerNorm")]:
+    for name, cls in [
+        ("bn", "BatchNorm2d"),
+        ("gn", "GroupNorm"),
+        ("inorm", "InstanceNorm2d"),
+        ("ln", "LayerNorm"),
+    ]:
         assert r[f"{name}.weight"] == (NO_DECAY, f"norm:{cls}")
         assert r[f"{name}.bias"] == (NO_DECAY, f"norm:{cls}")
     assert r["rms.weight"] == (NO_DECAY, "norm:RMSNorm")
@@ -113,8 +118,19 @@ def test_sync_batchnorm_and_third_party_norm_names() -> None:
     from lightning_adamw import DEFAULT_NORM_CLASS_PATTERN
 
     rule = re.compile(DEFAULT_NORM_CLASS_PATTERN)
-    for cls in ["LlamaRMSNorm", "T5LayerNorm", "LayerNorm2d", "BatchNormAct2d", "GroupNormAct", "FusedRMSNorm",
-                "ScaleNorm", "FrozenBatchNorm2d", "ConvNextLayerNorm", "Qwen2RMSNorm", "LayerNormFp32"]:
+    for cls in [
+        "LlamaRMSNorm",
+        "T5LayerNorm",
+        "LayerNorm2d",
+        "BatchNormAct2d",
+        "GroupNormAct",
+        "FusedRMSNorm",
+        "ScaleNorm",
+        "FrozenBatchNorm2d",
+        "ConvNextLayerNorm",
+        "Qwen2RMSNorm",
+        "LayerNormFp32",
+    ]:
         assert rule.search(cls), cls
     for cls in ["Normalize", "Normal", "Linear", "Denormalizer", "NormalizedLinear"]:
         assert not rule.search(cls), cls
@@ -235,7 +251,11 @@ def test_group_format_weight_decay_and_optimizer_records_names() -> None:
     assert [g["name"] for g in groups] == [DECAY, NO_DECAY]
     assert groups[0]["weight_decay"] == 0.05 and groups[1]["weight_decay"] == 0.0
     opt = torch.optim.AdamW(groups, lr=1e-3)
-    assert opt.param_groups[0]["param_names"] == ["gate", "conv.weight", "fc.weight"]  # named_parameters order
+    assert opt.param_groups[0]["param_names"] == [
+        "gate",
+        "conv.weight",
+        "fc.weight",
+    ]  # named_parameters order
     assert opt.state_dict()["param_groups"][1]["param_names"][:2] == ["temperature", "conv.bias"]
     # weight_decay=None leaves the decay group to the optimizer's default.
     groups = build_param_groups(model, None)
@@ -271,15 +291,22 @@ def test_order_is_deterministic_and_checkpoints_reload() -> None:
 def test_clean_names_for_compile_ddp_and_fsdp_prefixes() -> None:
     assert clean_param_name("_orig_mod.fc.weight") == "fc.weight"
     assert clean_param_name("module.fc.weight") == "fc.weight"
-    assert clean_param_name("model._fsdp_wrapped_module.layers.0._fsdp_wrapped_module.w") == "model.layers.0.w"
+    assert (
+        clean_param_name("model._fsdp_wrapped_module.layers.0._fsdp_wrapped_module.w") == "model.layers.0.w"
+    )
     assert clean_param_name("a._checkpoint_wrapped_module.b") == "a.b"
-    assert clean_param_name("encoder.module.fc.weight") == "encoder.module.fc.weight"  # only a leading module.
+    assert (
+        clean_param_name("encoder.module.fc.weight") == "encoder.module.fc.weight"
+    )  # only a leading module.
 
 
 def test_compiled_module_gives_original_names_and_hooks() -> None:
     model = TinyGPT()
     compiled = torch.compile(model)
-    assert build_param_groups(compiled, 0.1)[0]["params"][0][0] == build_param_groups(model, 0.1)[0]["params"][0][0]
+    assert (
+        build_param_groups(compiled, 0.1)[0]["params"][0][0]
+        == build_param_groups(model, 0.1)[0]["params"][0][0]
+    )
     assert reasons(compiled) == reasons(model)
 
 
@@ -331,8 +358,12 @@ def test_meta_device_7b_shaped_transformer_is_fast_and_materializes_nothing() ->
 
     with torch.device("meta"):
         model = nn.ModuleDict(
-            {"embed": nn.Embedding(vocab, dim), "layers": nn.ModuleList(Block() for _ in range(layers)),
-             "norm": nn.RMSNorm(dim), "head": nn.Linear(dim, vocab, bias=False)}
+            {
+                "embed": nn.Embedding(vocab, dim),
+                "layers": nn.ModuleList(Block() for _ in range(layers)),
+                "norm": nn.RMSNorm(dim),
+                "head": nn.Linear(dim, vocab, bias=False),
+            }
         )
     n_params = sum(p.numel() for p in model.parameters())
     assert 6.5e9 < n_params < 7.0e9
@@ -357,15 +388,31 @@ def test_meta_device_7b_shaped_transformer_is_fast_and_materializes_nothing() ->
         ({"weight_decay": math.inf}, ValueError, "`weight_decay`"),
         ({"weight_decay": "0.1"}, TypeError, "`weight_decay` must be a float"),
         ({"weight_decay": True}, TypeError, "`weight_decay` must be a float"),
-        ({"weight_decay": 0.1, "exclude_embeddings": "yes"}, TypeError, "`exclude_embeddings` must be a bool"),
+        (
+            {"weight_decay": 0.1, "exclude_embeddings": "yes"},
+            TypeError,
+            "`exclude_embeddings` must be a bool",
+        ),
         ({"weight_decay": 0.1, "no_decay_patterns": 3}, TypeError, "`no_decay_patterns` must be a string"),
         ({"weight_decay": 0.1, "decay_patterns": [""]}, TypeError, "`decay_patterns` must contain non-empty"),
         ({"weight_decay": 0.1, "no_decay_patterns": "re:(("}, ValueError, "invalid regular expression"),
-        ({"weight_decay": 0.1, "extra_norm_types": [int]}, TypeError, "`extra_norm_types` must contain nn.Module"),
+        (
+            {"weight_decay": 0.1, "extra_norm_types": [int]},
+            TypeError,
+            "`extra_norm_types` must contain nn.Module",
+        ),
         ({"weight_decay": 0.1, "extra_norm_types": 5}, TypeError, "`extra_norm_types` must be a sequence"),
         ({"weight_decay": 0.1, "norm_class_pattern": 5}, TypeError, "`norm_class_pattern`"),
-        ({"weight_decay": 0.1, "no_decay_patterns": "fc.wieght"}, ValueError, "'fc.wieght' matches no trainable"),
-        ({"weight_decay": 0.1, "decay_patterns": ["nope*"]}, ValueError, "`decay_patterns` pattern 'nope\\*'"),
+        (
+            {"weight_decay": 0.1, "no_decay_patterns": "fc.wieght"},
+            ValueError,
+            "'fc.wieght' matches no trainable",
+        ),
+        (
+            {"weight_decay": 0.1, "decay_patterns": ["nope*"]},
+            ValueError,
+            "`decay_patterns` pattern 'nope\\*'",
+        ),
         (
             {"weight_decay": 0.1, "no_decay_patterns": "fc.*", "decay_patterns": "*.weight"},
             ValueError,
@@ -419,5 +466,7 @@ def test_unexplained_fsdp_flat_shard_is_refused_not_grouped_as_1d() -> None:
     with torch.no_grad():
         model.weight = nn.Parameter(model.weight.detach().flatten())
     model.weight._fsdp_flattened = True
-    with pytest.raises(ValueError, match="flat FSDP shard whose original shape is unknown: pass the FSDP root"):
+    with pytest.raises(
+        ValueError, match="flat FSDP shard whose original shape is unknown: pass the FSDP root"
+    ):
         build_param_groups(model, 0.1)

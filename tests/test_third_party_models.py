@@ -17,7 +17,9 @@ from torch import nn
 from lightning_adamw import build_param_groups, classify_parameters
 from lightning_adamw.param_groups import DECAY, NO_DECAY
 
-transformers = pytest.importorskip("transformers", reason="transformers is a dev extra: pip install -e '.[dev]'")
+transformers = pytest.importorskip(
+    "transformers", reason="transformers is a dev extra: pip install -e '.[dev]'"
+)
 
 
 def _tiny_models() -> dict[str, tuple[nn.Module, dict[str, int]]]:
@@ -27,44 +29,80 @@ def _tiny_models() -> dict[str, tuple[nn.Module, dict[str, int]]]:
     return {
         "llama (RMSNorm LLM, tied)": (
             t.LlamaForCausalLM(
-                t.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                              num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+                t.LlamaConfig(
+                    vocab_size=64,
+                    hidden_size=32,
+                    intermediate_size=64,
+                    num_hidden_layers=2,
+                    num_attention_heads=4,
+                    num_key_value_heads=2,
+                    tie_word_embeddings=True,
+                )
             ),
             {"norm:LlamaRMSNorm": 5},
         ),
         "bert (encoder)": (
-            t.BertForMaskedLM(t.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
-                                           num_attention_heads=4, intermediate_size=64)),
+            t.BertForMaskedLM(
+                t.BertConfig(
+                    vocab_size=64,
+                    hidden_size=32,
+                    num_hidden_layers=2,
+                    num_attention_heads=4,
+                    intermediate_size=64,
+                )
+            ),
             {"norm:LayerNorm": 12},
         ),
         "t5 (encoder-decoder, T5LayerNorm)": (
-            t.T5ForConditionalGeneration(t.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2,
-                                                    num_heads=4)),
+            t.T5ForConditionalGeneration(
+                t.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
+            ),
             {"norm:T5LayerNorm": 12},
         ),
         "bart (encoder-decoder)": (
-            t.BartForConditionalGeneration(t.BartConfig(vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=1,
-                                                        encoder_attention_heads=4, decoder_attention_heads=4,
-                                                        encoder_ffn_dim=64, decoder_ffn_dim=64)),
+            t.BartForConditionalGeneration(
+                t.BartConfig(
+                    vocab_size=64,
+                    d_model=32,
+                    encoder_layers=1,
+                    decoder_layers=1,
+                    encoder_attention_heads=4,
+                    decoder_attention_heads=4,
+                    encoder_ffn_dim=64,
+                    decoder_ffn_dim=64,
+                )
+            ),
             {"norm:LayerNorm": 14},
         ),
         "gpt2 (Conv1D, tied)": (
-            t.GPT2LMHeadModel(t.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, bos_token_id=0,
-                                           eos_token_id=0)),
+            t.GPT2LMHeadModel(
+                t.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0)
+            ),
             {"norm:LayerNorm": 10},
         ),
         "vit (vision transformer)": (
-            t.ViTForImageClassification(t.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                                    intermediate_size=64, image_size=32, patch_size=8)),
+            t.ViTForImageClassification(
+                t.ViTConfig(
+                    hidden_size=32,
+                    num_hidden_layers=2,
+                    num_attention_heads=4,
+                    intermediate_size=64,
+                    image_size=32,
+                    patch_size=8,
+                )
+            ),
             {"norm:LayerNorm": 10},
         ),
         "convnext (custom LayerNorm, layer scale)": (
-            t.ConvNextForImageClassification(t.ConvNextConfig(hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1])),
+            t.ConvNextForImageClassification(
+                t.ConvNextConfig(hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1])
+            ),
             {"norm:ConvNextLayerNorm": 16, "norm:LayerNorm": 2},
         ),
         "resnet (CNN with BatchNorm)": (
-            t.ResNetForImageClassification(t.ResNetConfig(hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1],
-                                                          embedding_size=8)),
+            t.ResNetForImageClassification(
+                t.ResNetConfig(hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1], embedding_size=8)
+            ),
             {"norm:BatchNorm2d": 32},
         ),
     }
@@ -77,7 +115,9 @@ MODELS = _tiny_models()
 def test_no_tensor_in_the_wrong_group(family: str) -> None:
     model, norm_counts = MODELS[family]
     decisions = classify_parameters(model)
-    wrong = [(d.name, d.shape, d.group, d.reason) for d in decisions if (d.group == DECAY) != (len(d.shape) >= 2)]
+    wrong = [
+        (d.name, d.shape, d.group, d.reason) for d in decisions if (d.group == DECAY) != (len(d.shape) >= 2)
+    ]
     assert wrong == []
     claimed = Counter(d.reason for d in decisions if d.reason.startswith("norm:"))
     assert dict(claimed) == norm_counts

@@ -424,5 +424,7 @@ def test_packed_path_with_different_step_counts_per_tensor() -> None:
         steps = {float(opt.state[p]["step"]) for p in model.parameters() if p in opt.state}
         if step > 0:
             assert len(steps) == 2
-        bad = compare_metrics(update_split(opt).metrics(per_layer=True), reference_metrics(record), 1e-5, 1e-6)
+        bad = compare_metrics(
+            update_split(opt).metrics(per_layer=True), reference_metrics(record), 1e-5, 1e-6
+        )
         assert bad == {}, f"step {step}: {bad}"
