@@ -230,3 +230,18 @@ def test_non_contiguous_parameter_is_not_cached_stale() -> None:
         # (unit-scale weights: the snapshot reference's float32 rounding of w*(1 - lr*wd) is 1e-6 of cosine)
         _step_and_check(model, opt, step, cos_atol=1e-5)
     assert opt not in us._PLANS
+
+
+def test_functional_core_imports_no_lightning() -> None:
+    """Functional core, Lightning shell: the grouping and update arithmetic load with torch alone."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, lightning_adamw, lightning_adamw.param_groups, lightning_adamw.update_split, "
+        "lightning_adamw.packed_sums, lightning_adamw.optim_checks, lightning_adamw.schedules\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning'))\n"
+        "assert not bad, bad[:5]\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
