@@ -303,12 +303,14 @@ class UpdateSplit:
             return {}
         out: dict[str, float] = {}
         for g in self.groups:
-            for key, value in g.metrics.items():
-                out[f"{g.prefix}/{label_prefix}{g.name}/{key}"] = value
+            prefix = g.prefix
+            base = f"{prefix}/{label_prefix}{g.name}/"
+            out.update({base + key: value for key, value in g.metrics.items()})
             if per_layer:
+                layer = f"{prefix}_layer/{label_prefix}"
                 for t in g.tensors:
-                    for key, value in t.metrics.items():
-                        out[f"{g.prefix}_layer/{label_prefix}{t.name}/{key}"] = value
+                    base = f"{layer}{t.name}/"
+                    out.update({base + key: value for key, value in t.metrics.items()})
         return out
 
 
