@@ -42,6 +42,7 @@ before any square root is taken; every rank issues the same collectives in the s
 from __future__ import annotations
 
 import math
+import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -53,6 +54,14 @@ from torch import Tensor
 # Which optimizers are Adam/AdamW (whose state we can reconstruct) is decided in one place for the package.
 from lightning_adamw.optim_checks import is_adam_family
 from lightning_adamw.packed_sums import PackedBucket, PieceSource, adamw_item_sums, build_layout
+from lightning_adamw.triton_sums import (
+    FusedGroup,
+    build_fused_layout,
+    disable,
+    fused_available,
+    fused_item_sums,
+    fused_supported,
+)
 
 __all__ = [
     "ADAMW_GROUP_METRICS",
@@ -1011,10 +1020,20 @@ class _Plan:
     num_rows: int
     #: the AdamW groups' items, all groups together, and their packed layout
     packed: _Packed | None
+    #: whether the fused kernel was on (``LIGHTNING_ADAMW_TRITON``, or switched off after a failure)
+    fused_on: tuple[bool, bool] = (False, False)
+
+
+def _fused_on(allowed: bool = True) -> tuple[bool, bool]:
+    if not allowed:
+        return False, False
+    return fused_available(torch.device("cuda")), fused_available(torch.device("cpu"))
 
 
 #: Plans of the optimizers seen by :func:`update_split`, dropped with the optimizer.
 _PLANS: weakref.WeakKeyDictionary[Any, _Plan] = weakref.WeakKeyDictionary()
+#: The same for calls that turned the fused kernel off (``update_split(..., triton=False)``).
+_PLANS_TORCH: weakref.WeakKeyDictionary[Any, _Plan] = weakref.WeakKeyDictionary()
 
 
 def _packed_chunk(items: list[_Item], chunk_numel: int | None) -> int:
@@ -1033,6 +1052,9 @@ class _Packed:
     works: list[_GroupWork]
     items: list[_Item]
     buckets: list[PackedBucket]
+    #: tensors summed by the fused Triton kernel (CUDA), by device and dtypes
+    fused: list[FusedGroup]
+    chunk: int
     #: per device: row index, numel, count (1 for the items on that device) and replica weights
     static: dict[torch.device, tuple[Tensor, Tensor, Tensor, Tensor | None]] = field(default_factory=dict)
 
@@ -1041,7 +1063,7 @@ class _Packed:
         return {w.index for w in self.works}
 
 
-def _packed_layout(works: list[_GroupWork], chunk_numel: int | None) -> _Packed | None:
+def _packed_layout(works: list[_GroupWork], chunk_numel: int | None, triton: bool = True) -> _Packed | None:
     adamw = [w for w in works if w.kind == "adamw" and w.items]
     if not adamw:
         return None
@@ -1053,10 +1075,16 @@ def _packed_layout(works: list[_GroupWork], chunk_numel: int | None) -> _Packed 
         PieceSource(item=j, p=it.p, m=it.m, v=it.v, exact=it.ndim <= 1)  # type: ignore[arg-type]
         for j, it in enumerate(items)
     ]
+    # on a GPU (Triton installed) the fused kernel reads each tensor once; see triton_sums
+    fused = [triton and fused_available(s.p.device) and fused_supported(s) for s in sources]
+    fusable = [s for s, f in zip(sources, fused, strict=True) if f]
+    rest = [s for s, f in zip(sources, fused, strict=True) if not f]
     return _Packed(
         works=adamw,
         items=items,
-        buckets=build_layout(sources, chunk),
+        buckets=build_layout(rest, chunk),
+        fused=build_fused_layout(fusable),
+        chunk=chunk,
     )
 
 
@@ -1068,15 +1096,19 @@ def _plan(
     reduce: ShardReduce | None,
     chunk_numel: int | None,
     cache_key: Any,
+    triton: bool = True,
 ) -> _Plan:
     """The cached plan of ``cache_key`` (an optimizer) when nothing it depends on changed, else a new one."""
     signature = _signature(param_groups, state, adam_family) if snapshot is None else None
-    cached = _PLANS.get(cache_key) if cache_key is not None and signature is not None else None
+    plans = _PLANS if triton else _PLANS_TORCH
+    cached = plans.get(cache_key) if cache_key is not None and signature is not None else None
+    fused_on = _fused_on(triton)
     if (
         cached is not None
         and cached.signature == signature
         and cached.reduce is reduce
         and cached.chunk_numel == chunk_numel
+        and cached.fused_on == fused_on
     ):
         _set_scalars(cached.works, param_groups)
         return cached
@@ -1087,10 +1119,11 @@ def _plan(
         chunk_numel=chunk_numel,
         works=works,
         num_rows=num_rows,
-        packed=_packed_layout(works, chunk_numel),
+        packed=_packed_layout(works, chunk_numel, triton),
+        fused_on=fused_on,
     )
     if cache_key is not None and signature is not None:
-        _PLANS[cache_key] = plan
+        plans[cache_key] = plan
     return plan
 
 
@@ -1123,15 +1156,31 @@ def _process_packed(packed: _Packed, acc: _Accumulator) -> None:
         scale = [it.step_size * it.bc2_sqrt for it in items]  # type: ignore[operator]
     eps_common, scale_common = _uniform_float(eps_scaled), _uniform_float(scale)
     per_device: dict[torch.device, tuple[Tensor, Tensor | float, Tensor | float]] = {}
-    for bucket in packed.buckets:
-        if bucket.device not in per_device:
-            dev = bucket.device
+
+    def device_args(dev: torch.device) -> tuple[Tensor, Tensor | float, Tensor | float]:
+        if dev not in per_device:
             per_device[dev] = (
                 torch.zeros(len(items), 4, dtype=_acc_dtype(dev), device=dev),
                 eps_common if eps_common is not None else _item_vector(eps_scaled, dev),
                 scale_common if scale_common is not None else _item_vector(scale, dev),
             )
-        out, eps_arg, scale_arg = per_device[bucket.device]
+        return per_device[dev]
+
+    for group in list(packed.fused):
+        try:
+            out, eps_arg, scale_arg = device_args(group.device)
+            fused_item_sums(group, eps_arg, scale_arg, out)
+        except Exception as err:  # a Triton that cannot compile or launch here: the torch path, for good
+            disable(repr(err))
+            warnings.warn(
+                f"WeightDecayMonitor: the fused Triton kernel failed ({err!r}); using the slower torch path",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            packed.fused.remove(group)
+            packed.buckets.extend(build_layout(group.sources, packed.chunk))
+    for bucket in packed.buckets:
+        out, eps_arg, scale_arg = device_args(bucket.device)
         adamw_item_sums(bucket, eps_arg, scale_arg, out)
     for device, (out, _, scale_arg) in per_device.items():
         adt = out.dtype
@@ -1183,9 +1232,10 @@ def _split_from_groups(
     found_inf: Tensor | None = None,
     grad_scale: Tensor | None = None,
     cache_key: Any = None,
+    triton: bool = True,
 ) -> UpdateSplit:
     with torch.no_grad():
-        plan = _plan(param_groups, state, adam_family, snapshot, reduce, chunk_numel, cache_key)
+        plan = _plan(param_groups, state, adam_family, snapshot, reduce, chunk_numel, cache_key, triton)
         works, num_rows = plan.works, plan.num_rows
         chunk = _auto_chunk(works, chunk_numel)
         num_coupled = sum(1 for w in works if w.kind == "adam_l2")
@@ -1311,6 +1361,7 @@ def update_split(
     steps_per_epoch: float | None = None,
     chunk_numel: int | None = None,
     reduce: ShardReduce | None = None,
+    triton: bool = True,
 ) -> UpdateSplit:
     """Split the step ``optimizer`` has just taken; call it right after ``optimizer.step()``.
 
@@ -1318,6 +1369,9 @@ def update_split(
     Other optimizers need ``snapshot`` (from :func:`take_snapshot` just before the step); without it their groups
     are left out. A fused optimizer's skipped step (``GradScaler`` overflow, seen through ``optimizer.found_inf``)
     returns ``UpdateSplit(skipped=True)``.
+
+    On a CUDA device with Triton installed, AdamW groups are summed by one fused kernel
+    (:mod:`lightning_adamw.triton_sums`); ``triton=False`` (or ``LIGHTNING_ADAMW_TRITON=0``) uses the torch path.
 
     Example::
 
@@ -1341,6 +1395,7 @@ def update_split(
         found_inf=getattr(optimizer, "found_inf", None),
         grad_scale=getattr(optimizer, "grad_scale", None),
         cache_key=optimizer,
+        triton=triton,
     )
 
 

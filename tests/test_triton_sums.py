@@ -1,0 +1,234 @@
+"""The fused Triton kernel of AdamW groups (:mod:`lightning_adamw.triton_sums`), the monitor's GPU path.
+
+Its tests run on a CUDA GPU natively and, without one, under Triton's interpreter on CPU tensors: Triton reads
+``TRITON_INTERPRET`` when it is imported, so :func:`test_interpreted_on_cpu` runs this file (and the snapshot
+exactness tests of ``test_update_split.py``, which then go through the kernel) in a child pytest with
+``TRITON_INTERPRET=1``. Where Triton is not installed at all (e.g. macOS), everything here is skipped: the torch
+path is what runs there, and it is tested in ``test_packed_sums.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("triton")
+
+import lightning_adamw.triton_sums as ts
+import lightning_adamw.update_split as us
+from lightning_adamw.packed_sums import PieceSource, adamw_item_sums, build_layout
+from lightning_adamw.param_groups import build_param_groups
+from lightning_adamw.update_split import update_split
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+ROOT = Path(__file__).resolve().parent.parent
+
+kernel_runs = pytest.mark.skipif(
+    not ts.fused_available(DEVICE),
+    reason="the kernel runs on CUDA, or on CPU under TRITON_INTERPRET=1 (see test_interpreted_on_cpu)",
+)
+
+BLOCK = ts.FUSED_BLOCK
+SIZES = [1, 7, BLOCK - 1, BLOCK, BLOCK + 1, 3 * BLOCK + 5, 64 * 64]
+
+
+def _sources(dtype: torch.dtype, exact_every: int = 3, seed: int = 0) -> list[PieceSource]:
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for j, n in enumerate(SIZES):
+        p = torch.randn(n, generator=gen)
+        m = torch.randn(n, generator=gen) * 1e-2
+        v = torch.rand(n, generator=gen) * 1e-4
+        if j == 1:
+            v[:3] = 0.0  # a coordinate whose second moment is exactly 0 (eps alone in the denominator)
+        p, m, v = (t.to(DEVICE, dtype) for t in (p, m, v))
+        out.append(PieceSource(item=j, p=p, m=m, v=v, exact=j % exact_every == 0))
+    return out
+
+
+def _reference(sources: list[PieceSource], eps: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    ref = torch.zeros(len(sources), 4, dtype=torch.float64)
+    for s in sources:
+        p, m, v = (t.detach().cpu().double() for t in (s.p, s.m, s.v))
+        x = m / (v.sqrt() + float(eps[s.item]))
+        y = p + float(scale[s.item]) * x
+        ref[s.item] = torch.stack([(x * x).sum(), (p * x).sum(), (y * y).sum(), (p * p).sum()])
+    return ref
+
+
+def _fused(
+    sources: list[PieceSource], eps: float | torch.Tensor, scale: float | torch.Tensor
+) -> torch.Tensor:
+    out = torch.zeros(len(sources), 4, dtype=torch.float64, device=DEVICE)
+    for group in ts.build_fused_layout(sources):
+        ts.fused_item_sums(group, eps, scale, out)
+    return out.cpu()
+
+
+@kernel_runs
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("per_item", [False, True], ids=["shared_scalars", "per_item_scalars"])
+def test_sums_match_float64(dtype: torch.dtype, per_item: bool) -> None:
+    sources = _sources(dtype)
+    n = len(sources)
+    if per_item:  # steps that differ per tensor, or a capturable optimizer's device scalars
+        eps = torch.linspace(1e-9, 1e-8, n, dtype=torch.float64)
+        scale = torch.linspace(1e-4, 1e-3, n, dtype=torch.float64)
+        got = _fused(sources, eps.to(DEVICE), scale.to(DEVICE))
+    else:
+        eps, scale = torch.full((n,), 1e-8, dtype=torch.float64), torch.full((n,), 1e-3, dtype=torch.float64)
+        got = _fused(sources, 1e-8, 1e-3)
+    ref = _reference(sources, eps, scale)
+    err = ((got - ref).abs() / ref.abs().clamp_min(1e-300)).max(dim=1).values
+    for s in sources:
+        # float32 block sums of float32 products; the exact (float64) entries are exact up to float64 rounding
+        tol = 1e-12 if s.exact or dtype == torch.float64 else 2e-6
+        # column 1 (sum w*X) of mixed signs may cancel: measure it against the sum of magnitudes instead
+        assert err[s.item] < tol or _dot_ok(s, got, ref, tol), (s.item, s.p.numel(), err[s.item].item())
+
+
+def _dot_ok(s: PieceSource, got: torch.Tensor, ref: torch.Tensor, tol: float) -> bool:
+    others = ((got[s.item] - ref[s.item]).abs() / ref[s.item].abs()).tolist()
+    del others[1]
+    scale = float(ref[s.item, 0].sqrt() * ref[s.item, 3].sqrt())  # |<w, X>| <= ||w|| ||X||
+    return max(others) < tol and abs(float(got[s.item, 1] - ref[s.item, 1])) < tol * scale
+
+
+@kernel_runs
+def test_exact_entries_cancel_for_a_weight_that_was_zero() -> None:
+    """``w_new + s*X`` must be exactly 0 where the weight was 0 before the step (a zero-initialised bias)."""
+    n, s = 300, 1e-3
+    m = (torch.randn(n, dtype=torch.float64) * 1e-2).to(DEVICE)
+    v = (torch.rand(n, dtype=torch.float64) * 1e-4).to(DEVICE)
+    for dtype in (torch.float32, torch.float64):
+        m_, v_ = m.to(dtype), v.to(dtype)
+        p = -(s * (m_ / (v_.sqrt() + 1e-8)))  # what AdamW leaves in a weight that was 0
+        got = _fused([PieceSource(item=0, p=p, m=m_, v=v_, exact=True)], 1e-8, s)
+        assert got[0, 2].item() == pytest.approx(0.0, abs=1e-12 * got[0, 3].item())
+
+
+@kernel_runs
+def test_zero_eps_with_zero_second_moment_is_nonfinite_only_there() -> None:
+    sources = _sources(torch.float32)
+    got = _fused(sources, 0.0, 1e-3)
+    finite = torch.isfinite(got).all(dim=1)
+    assert not finite[1]  # 0 / (0 + 0) in the tensor that has v == 0
+    assert finite[[j for j in range(len(sources)) if j != 1]].all()  # masked lanes of other blocks stay 0
+
+
+@kernel_runs
+def test_matches_the_torch_path_and_builds_no_scratch_buckets() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(32, 3000), nn.LayerNorm(3000), nn.GELU(), nn.Linear(3000, 5), nn.Linear(5, 5, bias=False)
+    ).to(DEVICE)
+    nn.init.zeros_(model[0].bias)
+    opt = torch.optim.AdamW(build_param_groups(model, 0.1), lr=1e-2)
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(16, 32, device=DEVICE)).square().mean().backward()
+        opt.step()
+        fused = update_split(opt).metrics(per_layer=True)
+        plain = update_split(opt, triton=False).metrics(per_layer=True)
+        assert fused.keys() == plain.keys()
+        for k, v in plain.items():
+            assert fused[k] == pytest.approx(v, rel=1e-5, abs=1e-9), k
+    packed = us._PLANS[opt].packed
+    assert packed is not None and packed.fused and not packed.buckets
+    torch_packed = us._PLANS_TORCH[opt].packed
+    assert torch_packed is not None and torch_packed.buckets and not torch_packed.fused
+    # one launch per dtype group: float32 (2-D weights) and float64 (1-D tensors)
+    assert sorted(str(g.compute_dtype) for g in packed.fused) == ["torch.float32", "torch.float64"]
+
+
+@kernel_runs
+def test_a_failing_kernel_warns_once_and_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 4)).to(DEVICE)
+    opt = torch.optim.AdamW(build_param_groups(model, 0.1), lr=1e-2)
+    model(torch.randn(4, 8, device=DEVICE)).square().mean().backward()
+    opt.step()
+    expected = update_split(opt, triton=False).metrics(per_layer=True)
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("no compiler here")
+
+    class Broken:
+        def __getitem__(self, grid: object) -> object:
+            return broken
+
+    monkeypatch.setattr(ts, "_adamw_sums_kernel", Broken())
+    monkeypatch.setattr(ts, "_disabled", [])
+    with pytest.warns(RuntimeWarning, match="fused Triton kernel failed.*no compiler here"):
+        got = update_split(opt).metrics(per_layer=True)
+    assert got == pytest.approx(expected, rel=1e-6)
+    assert not ts.fused_available(DEVICE)  # off for the rest of the process
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert update_split(opt).metrics(per_layer=True) == pytest.approx(expected, rel=1e-6)
+
+
+def test_environment_switch_turns_the_kernel_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    for value in ("0", "false", "off"):
+        monkeypatch.setenv("LIGHTNING_ADAMW_TRITON", value)
+        assert not ts.fused_available(torch.device("cuda"))
+        assert not ts.fused_available(torch.device("cpu"))
+    monkeypatch.delenv("LIGHTNING_ADAMW_TRITON")
+    assert ts.fused_available(torch.device("cpu")) == INTERPRETING
+    assert not ts.fused_available(torch.device("meta"))
+
+
+def test_unsupported_tensors_are_refused_by_name() -> None:
+    p = torch.randn(4, 4).t()  # not contiguous
+    src = PieceSource(item=3, p=p, m=torch.zeros(4, 4), v=torch.zeros(4, 4))
+    assert not ts.fused_supported(src)
+    with pytest.raises(ValueError, match="item 3"):
+        ts.build_fused_layout([src])
+
+
+def test_torch_path_agrees_with_the_reference_used_here() -> None:
+    """The float64 reference of this file, checked on the torch path (runs everywhere, kernel or not)."""
+    sources = [PieceSource(s.item, s.p.cpu(), s.m.cpu(), s.v.cpu(), s.exact) for s in _sources(torch.float32)]
+    out = torch.zeros(len(sources), 4, dtype=torch.float64)
+    for b in build_layout(sources, 5000):
+        adamw_item_sums(b, 1e-8, 1e-3, out)
+    n = len(sources)
+    ref = _reference(sources, torch.full((n,), 1e-8), torch.full((n,), 1e-3))
+    assert torch.allclose(out, ref, rtol=2e-6, atol=1e-12)
+
+
+@pytest.mark.skipif(
+    INTERPRETING or torch.cuda.is_available(), reason="runs the interpreted suite from outside"
+)
+def test_interpreted_on_cpu() -> None:
+    """This file and the snapshot exactness tests through the kernel, in Triton's interpreter on CPU."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    env.pop("LIGHTNING_ADAMW_TRITON", None)
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-rs",
+        "tests/test_triton_sums.py",
+        "tests/test_update_split.py",
+        "-k",
+        "not test_interpreted_on_cpu",
+    ]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    tail = done.stdout[-3000:] + done.stderr[-2000:]
+    assert done.returncode == 0, tail
+    passed = re.search(r"(\d+) passed", done.stdout)
+    assert passed is not None and int(passed.group(1)) >= 50, tail
+    assert "the kernel runs on CUDA" not in done.stdout, tail  # the kernel tests ran, not skipped
