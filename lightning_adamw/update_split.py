@@ -281,12 +281,69 @@ class GroupSplit:
     numel: int
     num_tensors: int
     metrics: dict[str, float]
-    tensors: list[TensorSplit] = field(default_factory=list)
+    #: per-tensor results (a lazy sequence from :func:`update_split`: built when first read)
+    tensors: Sequence[TensorSplit] = field(default_factory=list)
     finite: bool = True
 
     @property
     def prefix(self) -> str:
         return KIND_PREFIX[self.kind]
+
+
+class _TensorSplits(Sequence[TensorSplit]):
+    """A group's :class:`TensorSplit` objects, made on first access: group-level logging needs none of them
+    (with hundreds of tensors, making them was a visible share of the monitor's time on a GPU)."""
+
+    def __init__(
+        self, work: _GroupWork, positions: list[int], sums: list[list[float]], finite: list[bool]
+    ) -> None:
+        # the work's scalars change at the next step (cached plans): keep this step's values
+        self._args = (work.label, work.kind, work.lr, work.weight_decay, work.beta1)
+        self._names = [work.names[i] for i in positions]
+        self._rounding = [work.rounding[i] for i in positions]
+        self._sums = sums
+        self._finite = finite
+        self._items: list[TensorSplit] | None = None
+
+    def _made(self) -> list[TensorSplit]:
+        if self._items is None:
+            label, kind, lr, wd, beta1 = self._args
+            self._items = [
+                TensorSplit(
+                    name=name,
+                    group=label,
+                    kind=kind,
+                    numel=round(sums[_NUMEL]),
+                    finite=finite,
+                    sums=sums,
+                    lr=lr,
+                    weight_decay=wd,
+                    beta1=beta1,
+                    rounding=rounding,
+                )
+                for name, sums, finite, rounding in zip(
+                    self._names, self._sums, self._finite, self._rounding, strict=True
+                )
+            ]
+        return self._items
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __getitem__(self, index: Any) -> Any:
+        return self._made()[index]
+
+    def __iter__(self) -> Iterator[TensorSplit]:
+        return iter(self._made())
+
+    def nonfinite_names(self) -> list[str]:
+        return [n for n, f in zip(self._names, self._finite, strict=True) if not f]
+
+
+def _nonfinite_names(group: GroupSplit) -> list[str]:
+    if isinstance(group.tensors, _TensorSplits):  # without making every TensorSplit
+        return group.tensors.nonfinite_names()
+    return [t.name for t in group.tensors if not t.finite]
 
 
 @dataclass
@@ -300,7 +357,7 @@ class UpdateSplit:
     @property
     def nonfinite_tensors(self) -> list[str]:
         """Names of tensors whose weights or update were NaN/inf."""
-        return [t.name for g in self.groups for t in g.tensors if not t.finite]
+        return [name for g in self.groups for name in _nonfinite_names(g)]
 
     def metrics(self, per_layer: bool = False, label_prefix: str = "") -> dict[str, float]:
         """Flat ``{"<prefix>/<group>/<metric>": value}`` dict; per-layer keys under ``<prefix>_layer/<param>/``.
@@ -537,26 +594,32 @@ class _GroupWork:
 
 def _bias_scalars(
     steps: list[Tensor], lr: float, beta1: float, beta2: float, float32_replay: bool = False
-) -> tuple[list[float | Tensor], list[float | Tensor]]:
-    """``lr / (1 - beta1^t)`` and ``sqrt(1 - beta2^t)`` per tensor, computed the way torch computed them."""
+) -> tuple[list[float] | Tensor | list[Tensor], list[float] | Tensor | list[Tensor]]:
+    """``lr / (1 - beta1^t)`` and ``sqrt(1 - beta2^t)`` per tensor, computed the way torch computed them: host
+    floats, or (``step`` on a device) one vector each, or 0-d tensors when the steps are spread over devices."""
     if float32_replay:
         return _bias_scalars_capturable(steps, lr, beta1, beta2)
-    if all(s.device.type == "cpu" for s in steps):
-        return _bias_scalars_host(steps, lr, beta1, beta2)
-    return _bias_scalars_device(steps, lr, beta1, beta2)
+    t = _stacked_steps(steps) if steps else None
+    if t is not None and t.device.type == "cpu":
+        return _bias_scalars_host(steps, lr, beta1, beta2, t)
+    return _bias_scalars_device(steps, lr, beta1, beta2, t)
 
 
 def _stacked_steps(steps: list[Tensor]) -> Tensor | None:
-    """All ``step`` tensors as one vector (one kernel) when they share a device, else ``None``."""
-    device = steps[0].device
-    if any(s.device != device for s in steps):
+    """All ``step`` tensors as one vector (one kernel) when they share a device, else ``None``.
+
+    Called at every logged step with one tensor per parameter: nothing here touches the tensors one by one
+    (``torch.stack`` itself checks devices and shapes)."""
+    try:
+        return torch.stack(steps).reshape(-1)  # 0-d steps (torch >= 2), or all of shape (1,)
+    except RuntimeError:  # steps on several devices, or shapes that differ
+        pass
+    if any(s.device != steps[0].device for s in steps):
         return None
-    return torch.stack([s.detach().reshape(()) for s in steps])
+    return torch.stack([s.reshape(()) for s in steps])
 
 
-def _bias_scalars_capturable(
-    steps: list[Tensor], lr: float, beta1: float, beta2: float
-) -> tuple[list[float | Tensor], list[float | Tensor]]:
+def _bias_scalars_capturable(steps: list[Tensor], lr: float, beta1: float, beta2: float) -> tuple[Any, Any]:
     # Capturable Adam computes the corrections on the device in the dtype of `step` (float32), with these very
     # operations (the fused CUDA kernel gets the same float32 values). Replaying them matters: `1 - 0.999**1` in
     # float32 is off by 1e-5 relative, which shows in the first steps. Elementwise on the stacked steps, these
@@ -569,38 +632,43 @@ def _bias_scalars_capturable(
         return [p[0][0] for p in pairs], [p[1][0] for p in pairs]
     step_size = -(((torch.pow(beta1, t) - 1) / lr).reciprocal())
     bc2 = torch.sqrt(-(torch.pow(beta2, t) - 1))
-    return list(step_size.unbind(0)), list(bc2.unbind(0))
+    return step_size, bc2
 
 
 def _bias_scalars_host(
-    steps: list[Tensor], lr: float, beta1: float, beta2: float
-) -> tuple[list[float | Tensor], list[float | Tensor]]:
+    steps: list[Tensor], lr: float, beta1: float, beta2: float, stacked: Tensor | None = None
+) -> tuple[list[float], list[float]]:
     # Default (non-capturable) Adam keeps `step` on the CPU and computes these in Python floats; so do we.
-    # Reading CPU tensors is no device sync.
+    # Reading CPU tensors is no device sync. Steps are nearly always equal: each distinct one is computed once.
     if not steps:
         return [], []
-    values = torch.stack([s if s.dim() == 0 else s.reshape(()) for s in steps]).to(torch.float64).tolist()
-    # t == 0 only for a step a fused optimizer skipped (and undid); that split is discarded anyway
-    return (
-        [lr / (1.0 - beta1**t) if t > 0 else math.nan for t in values],
-        [(1.0 - beta2**t) ** 0.5 for t in values],
-    )
+    t = stacked if stacked is not None else _stacked_steps(steps)
+    assert t is not None, "host steps share the CPU"
+    values = t.to(torch.float64).tolist()
+    corrections: dict[float, tuple[float, float]] = {}
+    for t in set(values):
+        # t == 0 only for a step a fused optimizer skipped (and undid); that split is discarded anyway
+        corrections[t] = (lr / (1.0 - beta1**t) if t > 0 else math.nan, (1.0 - beta2**t) ** 0.5)
+    if len(corrections) == 1:
+        step_size, bc2 = corrections[values[0]]
+        return [step_size] * len(values), [bc2] * len(values)
+    return [corrections[t][0] for t in values], [corrections[t][1] for t in values]
 
 
 def _bias_scalars_device(
-    steps: list[Tensor], lr: float, beta1: float, beta2: float
-) -> tuple[list[float | Tensor], list[float | Tensor]]:
+    steps: list[Tensor], lr: float, beta1: float, beta2: float, stacked: Tensor | None = None
+) -> tuple[Any, Any]:
     # `step` on an accelerator (e.g. a state moved there by hand): stay there (0-d tensors) instead of syncing.
     if not steps:
         return [], []
-    t = _stacked_steps(steps)
+    t = stacked if stacked is not None else _stacked_steps(steps)
     if t is None:
         pairs = [_bias_scalars_device([s], lr, beta1, beta2) for s in steps]
         return [p[0][0] for p in pairs], [p[1][0] for p in pairs]
     t = t.to(torch.float64)
     step_size = lr / (1.0 - torch.pow(beta1, t))
     bc2 = torch.sqrt(1.0 - torch.pow(beta2, t))
-    return list(step_size.unbind(0)), list(bc2.unbind(0))
+    return step_size, bc2
 
 
 def _slices(item: _Item, chunk: int) -> Iterator[_Item]:
@@ -956,16 +1024,28 @@ def _set_scalars(works: list[_GroupWork], param_groups: Sequence[Mapping[str, An
         # capturable Adam, and the fused CUDA kernel, compute the bias corrections from the float32 `step` in
         # float32 (measured: fused CUDA AdamW's first step is 6.4e-6 smaller than with float64 corrections);
         # the CPU fused kernel and the default implementations use float64.
+        # (a fused optimizer keeps all its state on one device type: the first step tells)
         float32_replay = bool(group.get("capturable", False)) or (
-            bool(group.get("fused", False)) and any(t.device.type != "cpu" for t in steps)
+            bool(group.get("fused", False)) and steps[0].device.type != "cpu"
         )
         step_sizes, bc2 = _bias_scalars(steps, work.lr, work.beta1, beta2, float32_replay)
+        if isinstance(step_sizes, Tensor) and isinstance(bc2, Tensor):
+            work.device_scalars = (step_sizes, bc2)
+            if work.kind == "adamw":
+                continue  # the packed path reads the vectors; no 0-d tensor per item
+            step_sizes, bc2 = list(step_sizes.unbind(0)), list(bc2.unbind(0))
+        else:
+            work.device_scalars = None
         for item, ss, b2 in zip(work.items, step_sizes, bc2, strict=True):
             item.step_size = ss
             item.bc2_sqrt = b2
-        work.device_scalars = None
-        if isinstance(step_sizes[0], Tensor) and len({t.device for t in step_sizes}) == 1:  # type: ignore[union-attr]
-            work.device_scalars = (torch.stack(step_sizes), torch.stack(bc2))  # type: ignore[arg-type]
+
+
+def _item_scalars(work: _GroupWork) -> tuple[list[Any], list[Any]]:
+    """``(step_size, bc2_sqrt)`` of every item of ``work`` as lists (0-d tensors where they are on a device)."""
+    if work.device_scalars is not None and work.kind == "adamw":
+        return list(work.device_scalars[0].unbind(0)), list(work.device_scalars[1].unbind(0))
+    return [it.step_size for it in work.items], [it.bc2_sqrt for it in work.items]
 
 
 def _collect_works(
@@ -989,24 +1069,36 @@ def _signature(
     param_groups: Sequence[Mapping[str, Any]], state: Mapping[Tensor, Mapping[str, Any]], adam_family: bool
 ) -> tuple[Any, ...] | None:
     """What a cached plan depends on: which tensors, where their memory is, which state tensors; ``None`` when
-    nothing may be cached (snapshot-based groups, or a tensor whose flat view would be a copy)."""
+    nothing may be cached (snapshot-based groups). Called at every logged step, so it only reads ids."""
     sig: list[Any] = []
     for group in param_groups:
         kind = group_kind(group, adam_family)
         if kind == "generic":
             return None
         amsgrad = bool(group.get("amsgrad", False))
+        v_key = "max_exp_avg_sq" if amsgrad else "exp_avg_sq"
         sig.append((kind, amsgrad, len(group["params"]), group.get("name"), id(group.get("param_names"))))
         for p in group["params"]:
             st = state.get(p)
             if p.grad is None or not st or "exp_avg" not in st or "step" not in st:
                 sig.append(id(p))
-                continue
-            v = st["max_exp_avg_sq"] if amsgrad else st["exp_avg_sq"]
-            if not all(getattr(t, "_local_tensor", t).is_contiguous() for t in (p, st["exp_avg"], v)):
-                return None  # `reshape(-1)` copies a non-contiguous tensor: a cached copy would go stale
-            sig.append((id(p), _data_ptr(p), id(st), id(st["exp_avg"]), id(v)))
+            else:
+                sig.append((id(p), _data_ptr(p), id(st), id(st["exp_avg"]), id(st[v_key])))
     return tuple(sig)
+
+
+def _contiguous(works: list[_GroupWork], param_groups: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether every tensor of the plan is contiguous: ``reshape(-1)`` copies the others, and a cached copy would
+    go stale (checked when a plan is built; the signature's data pointers and state ids cover later swaps)."""
+    for w in works:
+        group = param_groups[w.index]
+        v_key = "max_exp_avg_sq" if group.get("amsgrad", False) else "exp_avg_sq"
+        for it in w.items:
+            st = it.state or {}
+            tensors = [it.param, st.get("exp_avg"), st.get(v_key)]
+            if not all(getattr(t, "_local_tensor", t).is_contiguous() for t in tensors if t is not None):
+                return False
+    return True
 
 
 @dataclass
@@ -1122,7 +1214,7 @@ def _plan(
         packed=_packed_layout(works, chunk_numel, triton),
         fused_on=fused_on,
     )
-    if cache_key is not None and signature is not None:
+    if cache_key is not None and signature is not None and _contiguous(works, param_groups):
         plans[cache_key] = plan
     return plan
 
@@ -1151,9 +1243,12 @@ def _process_packed(packed: _Packed, acc: _Accumulator) -> None:
         bc2_vec = torch.cat([v[1] for v in vectors])  # type: ignore[index]
         eps_vec = torch.cat([v[1] * w.eps for v, w in zip(vectors, packed.works, strict=True)])  # type: ignore[index]
         eps_scaled, scale = [eps_vec], [torch.cat([v[0] for v in vectors]) * bc2_vec]  # type: ignore[index]
-    else:
-        eps_scaled = [it.bc2_sqrt * w.eps for w in packed.works for it in w.items]
-        scale = [it.step_size * it.bc2_sqrt for it in items]  # type: ignore[operator]
+    else:  # steps on the host (the default), or vectors of some groups mixed with floats of others
+        eps_scaled, scale = [], []
+        for w in packed.works:
+            step_sizes, bc2 = _item_scalars(w)
+            eps_scaled += [b * w.eps for b in bc2]
+            scale += [ss * b for ss, b in zip(step_sizes, bc2, strict=True)]
     eps_common, scale_common = _uniform_float(eps_scaled), _uniform_float(scale)
     per_device: dict[torch.device, tuple[Tensor, Tensor | float, Tensor | float]] = {}
 
@@ -1283,35 +1378,16 @@ def _split_from_groups(
     dmed = host[offset + 2 * num_coupled : offset + 3 * num_coupled]
     groups: list[GroupSplit] = []
     for w in works:
-        tensors: list[TensorSplit] = []
-        totals = [0.0] * _K
-        group_finite = True
-        group_rounding = 0.0
-        for r, name, rounding in zip(w.rows, w.names, w.rounding, strict=True):
-            sums = rows[r]
-            if sums[_COUNT] <= 0.0:
-                continue  # not updated by this step (no gradient / no snapshot)
-            finite = all(math.isfinite(x) for x in sums)
-            group_finite &= finite
-            for k in range(_K):
-                totals[k] += sums[k]
-            group_rounding = max(group_rounding, rounding)
-            tensors.append(
-                TensorSplit(
-                    name=name,
-                    group=w.label,
-                    kind=w.kind,
-                    numel=round(sums[_NUMEL]),
-                    finite=finite,
-                    sums=sums,
-                    lr=w.lr,
-                    weight_decay=w.weight_decay,
-                    beta1=w.beta1,
-                    rounding=rounding,
-                )
-            )
-        if not tensors:
+        # positions (in the group) of the tensors this step updated (no gradient / no snapshot: not updated)
+        live_pos = [i for i, r in enumerate(w.rows) if rows[r][_COUNT] > 0.0]
+        if not live_pos:
             continue
+        live = [rows[w.rows[i]] for i in live_pos]
+        finite_flags = [math.isfinite(sum(sums)) for sums in live]  # a NaN or inf anywhere makes the sum so
+        group_finite = all(finite_flags)
+        group_rounding = max(w.rounding[i] for i in live_pos)
+        tensors = _TensorSplits(w, live_pos, live, finite_flags)
+        totals = [sum(column) for column in zip(*live, strict=True)]
         metrics: dict[str, float] = {}
         if group_finite:
             raw = derive_metrics(
@@ -1342,7 +1418,7 @@ def _split_from_groups(
                 lr=w.lr,
                 weight_decay=w.weight_decay,
                 numel=round(totals[_NUMEL]),
-                num_tensors=len(tensors),
+                num_tensors=len(live_pos),
                 metrics=metrics,
                 tensors=tensors,
                 finite=group_finite,

@@ -297,11 +297,13 @@ def test_device_bias_scalars_match_host() -> None:
     steps = [torch.tensor(float(t)) for t in (1, 2, 50, 1000)]
     host = us._bias_scalars_host(steps, 1e-3, 0.9, 0.999)
     device = us._bias_scalars_device(steps, 1e-3, 0.9, 0.999)
-    for h, d in zip(host[0] + host[1], device[0] + device[1], strict=True):
+    # (on a device they come back as one vector each: no 0-d tensor per parameter)
+    assert isinstance(device[0], torch.Tensor) and device[0].shape == (len(steps),)
+    for h, d in zip(host[0] + host[1], [*device[0], *device[1]], strict=True):
         assert float(d) == pytest.approx(h, rel=1e-14)
     # capturable Adam's float32 replay: the same up to float32 cancellation in 1 - beta2**t
     capturable = us._bias_scalars_capturable(steps, 1e-3, 0.9, 0.999)
-    for h, c in zip(host[0] + host[1], capturable[0] + capturable[1], strict=True):
+    for h, c in zip(host[0] + host[1], [*capturable[0], *capturable[1]], strict=True):
         assert float(c) == pytest.approx(h, rel=1e-4)
 
 
