@@ -20,12 +20,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import lightning_adamw.triton_sums as ts  # noqa: E402
-import lightning_adamw.update_split as us  # noqa: E402
-from benchmarks.bench_naive import trained_optimizer  # noqa: E402
-from benchmarks.gpu import GPU_MODEL, build_optimizer  # noqa: E402
-from benchmarks.models import GPTConfig  # noqa: E402
-from lightning_adamw.param_groups import build_param_groups  # noqa: E402
+import lightning_adamw.triton_sums as ts
+import lightning_adamw.update_split as us
+from benchmarks.bench_naive import trained_optimizer
+from benchmarks.gpu import GPU_MODEL, build_optimizer
+from benchmarks.models import GPTConfig
+from lightning_adamw.param_groups import build_param_groups
 
 
 def per_call_ms(fn: Callable[[], Any], n: int = 30) -> float:
@@ -102,8 +102,10 @@ def main() -> None:
         torch_path = per_call_ms(lambda opt=opt: us.update_split(opt, triton=False).metrics())
         parts = phases(opt)
         kern = kernel_ms(opt)
-        print(f"== {label}: step {step:.3f} ms | monitor {mon:.3f} ms ({mon / step:.2f}x) | torch path "
-              f"{torch_path:.3f} ms | kernel alone {kern:.3f} ms")
+        print(
+            f"== {label}: step {step:.3f} ms | monitor {mon:.3f} ms ({mon / step:.2f}x) | torch path "
+            f"{torch_path:.3f} ms | kernel alone {kern:.3f} ms"
+        )
         print("   " + ", ".join(f"{k} {v:.3f} ms" for k, v in parts.items()))
         del opt
         torch.cuda.empty_cache()
