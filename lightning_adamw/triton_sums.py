@@ -4,13 +4,13 @@ The torch path moves about 100 bytes per element through a dozen whole-buffer ke
 ``sqrt``, ``add``, ``div``, three products with the weights, block norms). On a GPU that is several times the
 optimizer's own fused step, which reads and writes about 28 bytes per element once. This kernel reads ``w``,
 ``m`` and ``v`` once, straight from the optimizer's tensors (no scratch buffers), and writes four partial sums per
-block of ``BLOCK`` elements, about 12 bytes per element: under half the fused step.
+``FUSED_SPAN`` elements: about 12 bytes per element, under half the fused step.
 
 Layout (:func:`build_fused_layout`, built once per optimizer and cached by the caller, like
 :func:`lightning_adamw.packed_sums.build_layout`): per device and dtype, three tables of data pointers (one entry
-per tensor) and, per block, which entry it reads and where in it it starts. Each program of the grid sums one
-block of one tensor and writes ``[sum X^2, sum w*X, sum (w + s*X)^2, sum w^2]``; one ``index_add_`` in float64
-then adds the blocks into per-tensor rows, exactly as the torch path does. No host synchronisation, one launch
+per tensor) and, per program, which entry it reads and where in it it starts. Each program of the grid sums a
+span of one tensor and writes ``[sum X^2, sum w*X, sum (w + s*X)^2, sum w^2]``; one ``index_add_`` in float64
+then adds the spans into per-tensor rows, exactly as the torch path does. No host synchronisation, one launch
 per dtype group.
 
 Entries marked ``exact`` (1-D tensors, see :mod:`lightning_adamw.packed_sums`) are computed in float64.
@@ -40,6 +40,7 @@ except ImportError:  # pragma: no cover - depends on the installation
 
 __all__ = [
     "FUSED_BLOCK",
+    "FUSED_SPAN",
     "FusedGroup",
     "build_fused_layout",
     "disable",
@@ -48,8 +49,10 @@ __all__ = [
     "fused_supported",
 ]
 
-#: Elements summed by one program: the length of the float32 partial sums (as ``packed_sums.BLOCK``).
-FUSED_BLOCK = 2048
+#: Elements summed by one program of the kernel (one row of partial sums)
+FUSED_SPAN = 16384
+#: Elements loaded at a time by one program (its vector width)
+FUSED_BLOCK = 1024
 _ENV = "LIGHTNING_ADAMW_TRITON"
 #: why the kernel was switched off for this process (it failed once), else ``None``
 _disabled: list[str] = []
@@ -101,13 +104,12 @@ if triton is not None:
         SCALARS: tl.constexpr,
         ALIGNED: tl.constexpr,
         BLOCK: tl.constexpr,
+        SPAN: tl.constexpr,
     ):
         b = tl.program_id(0)
         entry = tl.load(block_entry + b)
         start = tl.load(block_start + b)
         n = tl.load(entry_numel + entry)
-        offs = start + tl.arange(0, BLOCK)
-        mask = offs < n
         p = tl.load(p_ptrs + entry).to(tl.pointer_type(P_DTYPE))
         m = tl.load(m_ptrs + entry).to(tl.pointer_type(M_DTYPE))
         v = tl.load(v_ptrs + entry).to(tl.pointer_type(V_DTYPE))
@@ -122,17 +124,33 @@ if triton is not None:
             item = tl.load(entry_item + entry) if SCALARS == 1 else 0
             eps = tl.load(eps_ptr + item).to(COMPUTE)
             scale = tl.load(scale_ptr + item).to(COMPUTE)
-        w = tl.load(p + offs, mask=mask, other=0.0).to(COMPUTE)
-        mv = tl.load(m + offs, mask=mask, other=0.0).to(COMPUTE)
-        vv = tl.load(v + offs, mask=mask, other=1.0).to(COMPUTE)
-        x = mv / (tl.sqrt(vv) + eps)
-        x = tl.where(mask, x, 0.0)  # masked lanes are 0 even when eps is 0
-        before = w + scale * x  # w_new + eta*u: the weight before the step (times 1 - lr*wd)
+        # One program sums up to SPAN elements, BLOCK at a time, in per-lane accumulators reduced once at the end:
+        # a program per BLOCK would spend as long on its reductions and stores as on its loads (half-precision
+        # tensors most of all).
+        lanes = tl.arange(0, BLOCK)
+        acc_xx = tl.zeros([BLOCK], dtype=COMPUTE)
+        acc_wx = tl.zeros([BLOCK], dtype=COMPUTE)
+        acc_before = tl.zeros([BLOCK], dtype=COMPUTE)
+        acc_ww = tl.zeros([BLOCK], dtype=COMPUTE)
+        stop = tl.minimum(start + SPAN, n)
+        for i in range(0, SPAN // BLOCK):  # a fixed trip count (past `stop` the loads are masked off)
+            offs = start + i * BLOCK + lanes
+            mask = offs < stop
+            w = tl.load(p + offs, mask=mask, other=0.0).to(COMPUTE)
+            mv = tl.load(m + offs, mask=mask, other=0.0).to(COMPUTE)
+            vv = tl.load(v + offs, mask=mask, other=1.0).to(COMPUTE)
+            x = mv / (tl.sqrt(vv) + eps)
+            x = tl.where(mask, x, 0.0)  # masked lanes are 0 even when eps is 0
+            before = w + scale * x  # w_new + eta*u: the weight before the step (times 1 - lr*wd)
+            acc_xx += x * x
+            acc_wx += w * x
+            acc_before += before * before
+            acc_ww += w * w
         row = partial + b.to(tl.int64) * 4
-        tl.store(row + 0, tl.sum(x * x, axis=0))
-        tl.store(row + 1, tl.sum(w * x, axis=0))
-        tl.store(row + 2, tl.sum(before * before, axis=0))
-        tl.store(row + 3, tl.sum(w * w, axis=0))
+        tl.store(row + 0, tl.sum(acc_xx, axis=0))
+        tl.store(row + 1, tl.sum(acc_wx, axis=0))
+        tl.store(row + 2, tl.sum(acc_before, axis=0))
+        tl.store(row + 3, tl.sum(acc_ww, axis=0))
 
 
 def _tl_dtype(dtype: torch.dtype) -> Any:
@@ -155,6 +173,8 @@ class FusedGroup:
     dtypes: tuple[torch.dtype, torch.dtype, torch.dtype]
     compute_dtype: torch.dtype
     aligned: bool
+    #: elements per program (``FUSED_SPAN`` unless the layout was built with another)
+    span: int
     num_blocks: int
     p_ptrs: Tensor
     m_ptrs: Tensor
@@ -175,7 +195,7 @@ def fused_supported(src: PieceSource) -> bool:
     return all(t.is_contiguous() and t.dtype in known for t in (src.p, src.m, src.v))
 
 
-def build_fused_layout(sources: Sequence[PieceSource], block: int = FUSED_BLOCK) -> list[FusedGroup]:
+def build_fused_layout(sources: Sequence[PieceSource], span: int = FUSED_SPAN) -> list[FusedGroup]:
     """Group ``sources`` by device and dtypes and build each group's pointer tables and block map.
 
     Every source must pass :func:`fused_supported` (the caller sends the others down the torch path).
@@ -195,7 +215,7 @@ def build_fused_layout(sources: Sequence[PieceSource], block: int = FUSED_BLOCK)
         for e, src in enumerate(srcs):
             n = src.p.numel()
             entries.append(src.item)
-            starts = list(range(0, n, block))
+            starts = list(range(0, n, span))
             blocks_entry += [e] * len(starts)
             blocks_start += starts
             blocks_item += [src.item] * len(starts)
@@ -212,6 +232,7 @@ def build_fused_layout(sources: Sequence[PieceSource], block: int = FUSED_BLOCK)
                 dtypes=(pdt, mdt, vdt),
                 compute_dtype=compute,
                 aligned=all(t.data_ptr() % 16 == 0 for t in tensors),
+                span=span,
                 num_blocks=len(blocks_entry),
                 p_ptrs=table([s.p.data_ptr() for s in srcs], torch.int64),
                 m_ptrs=table([s.m.data_ptr() for s in srcs], torch.int64),
@@ -232,7 +253,6 @@ def fused_item_sums(
     eps_scaled: float | Tensor,
     scale: float | Tensor,
     out: Tensor,
-    block: int = FUSED_BLOCK,
 ) -> None:
     r"""Add the group's ``[sum X^2, sum w*X, sum (w + s*X)^2, sum w^2]`` per item into ``out`` (in place).
 
@@ -281,7 +301,8 @@ def fused_item_sums(
         COMPUTE=cdt,
         SCALARS=scalars,
         ALIGNED=group.aligned and not _interpreting(),
-        BLOCK=block,
-        num_warps=8 if block >= 2048 else 4,
+        BLOCK=FUSED_BLOCK,
+        SPAN=group.span,
+        num_warps=4,
     )
     out.index_add_(0, group.block_item, partial.to(out.dtype))

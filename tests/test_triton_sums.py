@@ -37,8 +37,8 @@ kernel_runs = pytest.mark.skipif(
     reason="the kernel runs on CUDA, or on CPU under TRITON_INTERPRET=1 (see test_interpreted_on_cpu)",
 )
 
-BLOCK = ts.FUSED_BLOCK
-SIZES = [1, 7, BLOCK - 1, BLOCK, BLOCK + 1, 3 * BLOCK + 5, 64 * 64]
+BLOCK, SPAN = ts.FUSED_BLOCK, ts.FUSED_SPAN
+SIZES = [1, 7, BLOCK - 1, BLOCK, BLOCK + 1, 3 * BLOCK + 5, SPAN - 1, SPAN + 1, 2 * SPAN + BLOCK + 3]
 
 
 def _sources(dtype: torch.dtype, exact_every: int = 3, seed: int = 0) -> list[PieceSource]:
@@ -66,10 +66,10 @@ def _reference(sources: list[PieceSource], eps: torch.Tensor, scale: torch.Tenso
 
 
 def _fused(
-    sources: list[PieceSource], eps: float | torch.Tensor, scale: float | torch.Tensor
+    sources: list[PieceSource], eps: float | torch.Tensor, scale: float | torch.Tensor, span: int = SPAN
 ) -> torch.Tensor:
     out = torch.zeros(len(sources), 4, dtype=torch.float64, device=DEVICE)
-    for group in ts.build_fused_layout(sources):
+    for group in ts.build_fused_layout(sources, span):
         ts.fused_item_sums(group, eps, scale, out)
     return out.cpu()
 
@@ -77,16 +77,17 @@ def _fused(
 @kernel_runs
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("per_item", [False, True], ids=["shared_scalars", "per_item_scalars"])
-def test_sums_match_float64(dtype: torch.dtype, per_item: bool) -> None:
+@pytest.mark.parametrize("span", [SPAN, 2 * BLOCK], ids=["span_default", "span_2_blocks"])
+def test_sums_match_float64(dtype: torch.dtype, per_item: bool, span: int) -> None:
     sources = _sources(dtype)
     n = len(sources)
     if per_item:  # steps that differ per tensor, or a capturable optimizer's device scalars
         eps = torch.linspace(1e-9, 1e-8, n, dtype=torch.float64)
         scale = torch.linspace(1e-4, 1e-3, n, dtype=torch.float64)
-        got = _fused(sources, eps.to(DEVICE), scale.to(DEVICE))
+        got = _fused(sources, eps.to(DEVICE), scale.to(DEVICE), span)
     else:
         eps, scale = torch.full((n,), 1e-8, dtype=torch.float64), torch.full((n,), 1e-3, dtype=torch.float64)
-        got = _fused(sources, 1e-8, 1e-3)
+        got = _fused(sources, 1e-8, 1e-3, span)
     ref = _reference(sources, eps, scale)
     err = ((got - ref).abs() / ref.abs().clamp_min(1e-300)).max(dim=1).values
     for s in sources:
