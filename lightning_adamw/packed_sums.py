@@ -61,6 +61,10 @@ class PieceSource:
     v: Tensor
     #: form the products in float64 (1-D tensors, small models; see the module docstring)
     exact: bool = False
+    #: row of the result table the fused kernel adds into (``item`` when negative) and the replica weight it
+    #: multiplies by (:mod:`lightning_adamw.triton_sums`; the torch path leaves both to its caller)
+    row: int = -1
+    weight: float = 1.0
 
 
 @dataclass

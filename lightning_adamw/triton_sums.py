@@ -1,19 +1,29 @@
-r"""The per-tensor sums of :mod:`lightning_adamw.packed_sums` in one fused Triton kernel: the GPU path.
+r"""The per-tensor sums of an AdamW step in one fused Triton kernel: the monitor's GPU path.
 
-The torch path moves about 100 bytes per element through a dozen whole-buffer kernels (gather ``m`` and ``v``,
-``sqrt``, ``add``, ``div``, three products with the weights, block norms). On a GPU that is several times the
-optimizer's own fused step, which reads and writes about 28 bytes per element once. This kernel reads ``w``,
-``m`` and ``v`` once, straight from the optimizer's tensors (no scratch buffers), and writes four partial sums per
-``FUSED_SPAN`` elements: about 12 bytes per element, under half the fused step.
+Every AdamW metric of the monitor is a function of four sums per tensor (see
+:func:`lightning_adamw.update_split.derive_metrics` and :mod:`lightning_adamw.packed_sums`):
 
-Layout (:func:`build_fused_layout`, built once per optimizer and cached by the caller, like
-:func:`lightning_adamw.packed_sums.build_layout`): per device and dtype, three tables of data pointers (one entry
-per tensor) and, per program, which entry it reads and where in it it starts. Each program of the grid sums a
-span of one tensor and writes ``[sum X^2, sum w*X, sum (w + s*X)^2, sum w^2]``; one ``index_add_`` in float64
-then adds the spans into per-tensor rows, exactly as the torch path does. No host synchronisation, one launch
-per dtype group.
+.. math::
 
-Entries marked ``exact`` (1-D tensors, see :mod:`lightning_adamw.packed_sums`) are computed in float64.
+    N = \|w_{new}\|^2, \quad B = s^2 \sum X^2, \quad E = s \sum w_{new} X, \quad S = \sum (w_{new} + s X)^2,
+    \qquad X = \frac{m}{\sqrt{v} + c\,\epsilon}.
+
+The torch path (:mod:`lightning_adamw.packed_sums`) moves about 100 bytes per element through a dozen
+whole-buffer kernels; on a GPU that is several times the optimizer's own fused step, which reads and writes about
+28 bytes per element once. This kernel reads ``w``, ``m`` and ``v`` once, straight from the optimizer's tensors
+(no scratch buffers): about 12 bytes per element, under half the fused step.
+
+Layout (:func:`build_fused_layout`, built once per optimizer and cached by the caller): per device and dtype
+combination, tables of data pointers, sizes, result rows and replica weights (one entry per tensor), and per
+program which entry it reads and where in it it starts. Each program sums ``FUSED_SPAN`` elements of one tensor,
+``FUSED_BLOCK`` at a time in per-lane accumulators, and adds ``[N, B, E, S]`` (scaled, weighted, in float64)
+into its tensor's row of the caller's table with atomic adds. One launch per dtype combination, nothing else on
+the device, no host synchronisation.
+
+Entries marked ``exact`` (1-D tensors, see :mod:`lightning_adamw.packed_sums`) are computed in float64, and their
+``s`` and ``c*eps`` are read in float64 too: ``w_new + s*X`` must cancel to exactly 0 for a weight that was 0
+before the step. Float32 entries use them rounded to float32 inside the elementwise arithmetic (as the
+optimizer's own float32 arithmetic does) and in float64 to scale the sums.
 
 The kernel runs under ``TRITON_INTERPRET=1`` on CPU tensors too, which is how the test suite checks it without a
 GPU. Set ``LIGHTNING_ADAMW_TRITON=0`` to use the torch path on a GPU.
@@ -45,16 +55,17 @@ __all__ = [
     "build_fused_layout",
     "disable",
     "fused_available",
-    "fused_item_sums",
     "fused_supported",
+    "fused_table_sums",
+    "shared_scalars",
 ]
 
-#: Elements summed by one program of the kernel (one row of partial sums)
+#: Elements summed by one program of the kernel
 FUSED_SPAN = 16384
 #: Elements loaded at a time by one program (its vector width)
 FUSED_BLOCK = 1024
 _ENV = "LIGHTNING_ADAMW_TRITON"
-#: why the kernel was switched off for this process (it failed once), else ``None``
+#: why the kernel was switched off for this process (it failed once), else empty
 _disabled: list[str] = []
 
 
@@ -90,19 +101,21 @@ if triton is not None:
         v_ptrs,
         entry_item,
         entry_numel,
+        entry_row,
+        entry_weight,
         block_entry,
         block_start,
         eps_ptr,
         scale_ptr,
-        eps_value,
-        scale_value,
-        partial,
+        table,
         P_DTYPE: tl.constexpr,
         M_DTYPE: tl.constexpr,
         V_DTYPE: tl.constexpr,
         COMPUTE: tl.constexpr,
-        SCALARS: tl.constexpr,
+        PER_ITEM: tl.constexpr,
+        WEIGHTED: tl.constexpr,
         ALIGNED: tl.constexpr,
+        K: tl.constexpr,
         BLOCK: tl.constexpr,
         SPAN: tl.constexpr,
     ):
@@ -117,15 +130,14 @@ if triton is not None:
             p = tl.multiple_of(p, 16)
             m = tl.multiple_of(m, 16)
             v = tl.multiple_of(v, 16)
-        if SCALARS == 0:  # shared, as float32 arguments (promoted to the compute dtype in the arithmetic)
-            eps = eps_value
-            scale = scale_value
-        else:  # 1: one value per item; 2: shared, as float64 (the pointers' first element)
-            item = tl.load(entry_item + entry) if SCALARS == 1 else 0
-            eps = tl.load(eps_ptr + item).to(COMPUTE)
-            scale = tl.load(scale_ptr + item).to(COMPUTE)
+        # float64 scalars: one per item, or one shared by all (index 0)
+        item = tl.load(entry_item + entry) if PER_ITEM else 0
+        eps64 = tl.load(eps_ptr + item)
+        scale64 = tl.load(scale_ptr + item)
+        eps = eps64.to(COMPUTE)
+        scale = scale64.to(COMPUTE)
         # One program sums up to SPAN elements, BLOCK at a time, in per-lane accumulators reduced once at the end:
-        # a program per BLOCK would spend as long on its reductions and stores as on its loads (half-precision
+        # a program per BLOCK would spend as long on its reductions and atomics as on its loads (half-precision
         # tensors most of all).
         lanes = tl.arange(0, BLOCK)
         acc_xx = tl.zeros([BLOCK], dtype=COMPUTE)
@@ -146,11 +158,12 @@ if triton is not None:
             acc_wx += w * x
             acc_before += before * before
             acc_ww += w * w
-        row = partial + b.to(tl.int64) * 4
-        tl.store(row + 0, tl.sum(acc_xx, axis=0))
-        tl.store(row + 1, tl.sum(acc_wx, axis=0))
-        tl.store(row + 2, tl.sum(acc_before, axis=0))
-        tl.store(row + 3, tl.sum(acc_ww, axis=0))
+        weight = tl.load(entry_weight + entry) if WEIGHTED else 1.0
+        row = table + tl.load(entry_row + entry) * K
+        tl.atomic_add(row + 0, tl.sum(acc_ww, axis=0).to(tl.float64) * weight)
+        tl.atomic_add(row + 1, tl.sum(acc_xx, axis=0).to(tl.float64) * (scale64 * scale64 * weight))
+        tl.atomic_add(row + 2, tl.sum(acc_wx, axis=0).to(tl.float64) * (scale64 * weight))
+        tl.atomic_add(row + 3, tl.sum(acc_before, axis=0).to(tl.float64) * weight)
 
 
 def _tl_dtype(dtype: torch.dtype) -> Any:
@@ -167,7 +180,7 @@ def _tl_dtype(dtype: torch.dtype) -> Any:
 
 @dataclass
 class FusedGroup:
-    """Tensors of one device and dtype combination: pointer tables and the block map of the kernel's grid."""
+    """Tensors of one device and dtype combination: pointer tables and the program map of the kernel's grid."""
 
     device: torch.device
     dtypes: tuple[torch.dtype, torch.dtype, torch.dtype]
@@ -179,12 +192,14 @@ class FusedGroup:
     p_ptrs: Tensor
     m_ptrs: Tensor
     v_ptrs: Tensor
+    #: per entry: item (index of the per-item scalars), numel, row of the result table, replica weight
     entry_item: Tensor
     entry_numel: Tensor
+    entry_row: Tensor
+    entry_weight: Tensor | None
+    #: per program: its entry and the first element it sums
     block_entry: Tensor
     block_start: Tensor
-    #: item (row of ``out``) of each block, for the float64 ``index_add_``
-    block_item: Tensor
     #: the tensors behind the pointers (kept alive with the layout; the torch path's input if the kernel fails)
     sources: list[PieceSource] = field(default_factory=list, repr=False)
 
@@ -196,9 +211,10 @@ def fused_supported(src: PieceSource) -> bool:
 
 
 def build_fused_layout(sources: Sequence[PieceSource], span: int = FUSED_SPAN) -> list[FusedGroup]:
-    """Group ``sources`` by device and dtypes and build each group's pointer tables and block map.
+    """Group ``sources`` by device and dtypes and build each group's pointer tables and program map.
 
-    Every source must pass :func:`fused_supported` (the caller sends the others down the torch path).
+    Every source must pass :func:`fused_supported` (the caller sends the others down the torch path). A source's
+    sums go to row ``src.row`` of the table (``src.item`` when ``row`` is negative), times ``src.weight``.
     """
     grouped: dict[tuple[Any, ...], list[PieceSource]] = {}
     for src in sources:
@@ -211,18 +227,17 @@ def build_fused_layout(sources: Sequence[PieceSource], span: int = FUSED_SPAN) -
         grouped.setdefault(key, []).append(src)
     out = []
     for (device, pdt, mdt, vdt, exact), srcs in grouped.items():
-        entries, blocks_entry, blocks_start, blocks_item = [], [], [], []
+        blocks_entry: list[int] = []
+        blocks_start: list[int] = []
         for e, src in enumerate(srcs):
-            n = src.p.numel()
-            entries.append(src.item)
-            starts = list(range(0, n, span))
+            starts = range(0, src.p.numel(), span)
             blocks_entry += [e] * len(starts)
             blocks_start += starts
-            blocks_item += [src.item] * len(starts)
         tensors = [t for s in srcs for t in (s.p, s.m, s.v)]
         compute = torch.float64 if exact or pdt == torch.float64 else torch.float32
+        weights = [float(s.weight) for s in srcs]
 
-        def table(values: list[int], dtype: torch.dtype, device: torch.device = device) -> Tensor:
+        def table(values: list[Any], dtype: torch.dtype, device: torch.device = device) -> Tensor:
             t = torch.tensor(values, dtype=dtype)
             return t if device.type == "cpu" else t.to(device, non_blocking=True)
 
@@ -237,72 +252,70 @@ def build_fused_layout(sources: Sequence[PieceSource], span: int = FUSED_SPAN) -
                 p_ptrs=table([s.p.data_ptr() for s in srcs], torch.int64),
                 m_ptrs=table([s.m.data_ptr() for s in srcs], torch.int64),
                 v_ptrs=table([s.v.data_ptr() for s in srcs], torch.int64),
-                entry_item=table(entries, torch.int64),
+                entry_item=table([s.item for s in srcs], torch.int64),
                 entry_numel=table([s.p.numel() for s in srcs], torch.int64),
+                entry_row=table([s.row if s.row >= 0 else s.item for s in srcs], torch.int64),
+                entry_weight=table(weights, torch.float64) if any(w != 1.0 for w in weights) else None,
                 block_entry=table(blocks_entry, torch.int32),
                 block_start=table(blocks_start, torch.int64),
-                block_item=table(blocks_item, torch.int64),
                 sources=list(srcs),
             )
         )
     return out
 
 
-def fused_item_sums(
-    group: FusedGroup,
-    eps_scaled: float | Tensor,
-    scale: float | Tensor,
-    out: Tensor,
-) -> None:
-    r"""Add the group's ``[sum X^2, sum w*X, sum (w + s*X)^2, sum w^2]`` per item into ``out`` (in place).
+def shared_scalars(eps_scaled: float, scale: float, device: torch.device) -> Tensor:
+    """``[c*eps, s]`` as a float64 vector on ``device`` for :func:`fused_table_sums`, without a host-to-device copy
+    (a copy from pageable memory can wait for the device): two fills whose values travel as kernel arguments."""
+    if device.type == "cpu":
+        return torch.tensor([eps_scaled, scale], dtype=torch.float64)
+    both = torch.full((2,), eps_scaled, dtype=torch.float64, device=device)
+    both[1:].fill_(scale)
+    return both
 
-    Same contract as :func:`lightning_adamw.packed_sums.adamw_item_sums`: ``X = m / (sqrt(v) + c*eps)``;
-    ``eps_scaled`` and ``scale`` are floats shared by every item or float vectors with one value per item (on the
-    group's device); ``out`` is ``num_items x 4``.
+
+def fused_table_sums(group: FusedGroup, eps_scaled: Tensor, scale: Tensor, table: Tensor) -> None:
+    # (``shared_scalars`` gives both as one vector: pass ``v[0:1], v[1:2]``)
+    r"""Add ``[N, B, E, S]`` of each tensor of ``group`` into columns 0-3 of its row of ``table`` (in place).
+
+    ``X = m / (sqrt(v) + c*eps)``, ``N = sum w^2``, ``B = s^2 sum X^2``, ``E = s sum w X``,
+    ``S = sum (w + s X)^2``, each times the entry's weight. ``eps_scaled`` (``c*eps``) and ``scale`` (``s``) are
+    float64 vectors on the group's device: one value per item (indexed by ``PieceSource.item``), or one value
+    shared by all (length 1, see :func:`shared_scalars`). ``table`` is a contiguous float64 ``rows x K`` tensor.
     """
     if triton is None:  # pragma: no cover - callers check fused_available first
         raise RuntimeError("the fused monitor kernel needs Triton")
-    if isinstance(eps_scaled, Tensor) or isinstance(scale, Tensor):
-        scalars = 1
-        eps_vec = eps_scaled if isinstance(eps_scaled, Tensor) else torch.full_like(out[:, 0], eps_scaled)
-        scale_vec = scale if isinstance(scale, Tensor) else torch.full_like(out[:, 0], scale)
-        eps_vec, scale_vec = eps_vec.contiguous(), scale_vec.contiguous()
-    elif group.compute_dtype == torch.float64:
-        # float64 groups need float64 scalars: `w_new + s*X` must cancel to exactly 0 for a weight that was 0
-        # before the step, which a float32-rounded `s` does not do (a kernel argument float is float32)
-        scalars = 2
-        both = torch.tensor([eps_scaled, scale], dtype=torch.float64)
-        if group.device.type != "cpu":
-            both = both.to(group.device, non_blocking=True)
-        eps_vec, scale_vec = both[0:1], both[1:2]
-    else:
-        scalars = 0
-        eps_vec = scale_vec = out  # not read: any pointer will do
-    eps_value, scale_value = (0.0, 0.0) if scalars else (float(eps_scaled), float(scale))
-    partial = torch.empty(group.num_blocks, 4, dtype=group.compute_dtype, device=group.device)
+    if table.dtype != torch.float64 or not table.is_contiguous():
+        raise ValueError("table: the fused kernel adds into a contiguous float64 tensor")
+    if eps_scaled.dtype != torch.float64 or scale.dtype != torch.float64:
+        raise ValueError("eps_scaled and scale: float64 vectors")
+    per_item = eps_scaled.numel() > 1 or scale.numel() > 1
+    if per_item and (eps_scaled.numel() == 1 or scale.numel() == 1):
+        n = max(eps_scaled.numel(), scale.numel())
+        eps_scaled, scale = eps_scaled.expand(n).contiguous(), scale.expand(n).contiguous()
     pdt, mdt, vdt = (_tl_dtype(d) for d in group.dtypes)
-    cdt = tl.float64 if group.compute_dtype == torch.float64 else tl.float32
     _adamw_sums_kernel[(group.num_blocks,)](
         group.p_ptrs,
         group.m_ptrs,
         group.v_ptrs,
         group.entry_item,
         group.entry_numel,
+        group.entry_row,
+        group.entry_weight if group.entry_weight is not None else eps_scaled,  # (not read unweighted)
         group.block_entry,
         group.block_start,
-        eps_vec,
-        scale_vec,
-        eps_value,
-        scale_value,
-        partial,
+        eps_scaled,
+        scale,
+        table,
         P_DTYPE=pdt,
         M_DTYPE=mdt,
         V_DTYPE=vdt,
-        COMPUTE=cdt,
-        SCALARS=scalars,
+        COMPUTE=tl.float64 if group.compute_dtype == torch.float64 else tl.float32,
+        PER_ITEM=per_item,
+        WEIGHTED=group.entry_weight is not None,
         ALIGNED=group.aligned and not _interpreting(),
+        K=table.shape[1],
         BLOCK=FUSED_BLOCK,
         SPAN=group.span,
         num_warps=4,
     )
-    out.index_add_(0, group.block_item, partial.to(out.dtype))

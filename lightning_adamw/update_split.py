@@ -42,10 +42,13 @@ before any square root is taken; every rank issues the same collectives in the s
 from __future__ import annotations
 
 import math
+import operator
 import warnings
 import weakref
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Any, Literal
 
 import torch
@@ -59,8 +62,9 @@ from lightning_adamw.triton_sums import (
     build_fused_layout,
     disable,
     fused_available,
-    fused_item_sums,
     fused_supported,
+    fused_table_sums,
+    shared_scalars,
 )
 
 __all__ = [
@@ -590,6 +594,8 @@ class _GroupWork:
     coupled_index: int = -1
     #: ``(step_size, bc2_sqrt)`` of all items as two vectors when they live on a device (capturable / fused)
     device_scalars: tuple[Tensor, Tensor] | None = None
+    #: the optimizer state of each item (its ``step`` is read again at every call)
+    states: list[Mapping[str, Any]] = field(default_factory=list)
 
 
 def _bias_scalars(
@@ -999,6 +1005,7 @@ def _build_works(
                         )
                     )
             row += 1
+        work.states = [it.state for it in work.items if it.state is not None]
         works.append(work)
     return works, row
 
@@ -1015,12 +1022,12 @@ def _set_scalars(works: list[_GroupWork], param_groups: Sequence[Mapping[str, An
         work.maximize = bool(group.get("maximize", False))
         if work.kind == "generic" or not work.items:
             continue
-        steps = []
-        for item in work.items:
-            if work.kind == "adam_l2":
+        if work.kind == "adam_l2":
+            for item in work.items:
                 item.g = _local(item.param.grad)  # type: ignore[union-attr,arg-type]
-            step = item.state["step"]  # type: ignore[index]
-            steps.append(step if isinstance(step, Tensor) else torch.tensor(float(step)))
+        steps = list(map(_STEP, work.states))
+        if not set(map(type, steps)) <= _PLAIN_TYPES:  # Python numbers (an old checkpoint): as tensors
+            steps = [s if isinstance(s, Tensor) else torch.tensor(float(s)) for s in steps]
         # capturable Adam, and the fused CUDA kernel, compute the bias corrections from the float32 `step` in
         # float32 (measured: fused CUDA AdamW's first step is 6.4e-6 smaller than with float64 corrections);
         # the CPU fused kernel and the default implementations use float64.
@@ -1078,6 +1085,10 @@ def _signature(
         amsgrad = bool(group.get("amsgrad", False))
         v_key = "max_exp_avg_sq" if amsgrad else "exp_avg_sq"
         sig.append((kind, amsgrad, len(group["params"]), group.get("name"), id(group.get("param_names"))))
+        fast = _group_signature(group["params"], state, v_key)
+        if fast is not None:
+            sig.append(fast)
+            continue
         for p in group["params"]:
             st = state.get(p)
             if p.grad is None or not st or "exp_avg" not in st or "step" not in st:
@@ -1085,6 +1096,36 @@ def _signature(
             else:
                 sig.append((id(p), _data_ptr(p), id(st), id(st["exp_avg"]), id(st[v_key])))
     return tuple(sig)
+
+
+_PLAIN_TYPES = frozenset({Tensor, torch.nn.Parameter})
+_GRAD = operator.attrgetter("grad")
+_EXP_AVG = operator.itemgetter("exp_avg")
+_STEP = operator.itemgetter("step")
+
+
+def _group_signature(
+    params: Sequence[Tensor], state: Mapping[Tensor, Mapping[str, Any]], v_key: str
+) -> tuple[Any, ...] | None:
+    """The signature of a group of plain tensors that all have Adam state, in C-level passes over the group
+    (``map``, no Python loop per parameter); ``None`` when some are not (DTensors, parameters never stepped),
+    and the caller goes parameter by parameter."""
+    if not set(map(type, params)) <= _PLAIN_TYPES:
+        return None
+    states = list(map(state.get, params))
+    try:
+        sig = (
+            tuple(map(id, params)),
+            tuple(map(Tensor.data_ptr, params)),
+            tuple(map(operator.is_not, map(_GRAD, params), repeat(None))),  # which have a gradient
+            tuple(map(id, states)),
+            tuple(map(id, map(_EXP_AVG, states))),
+            tuple(map(id, map(operator.itemgetter(v_key), states))),
+        )
+        deque(map(_STEP, states), maxlen=0)  # every one has a step
+    except (TypeError, KeyError):  # a state that is None or lacks a key
+        return None
+    return sig
 
 
 def _contiguous(works: list[_GroupWork], param_groups: Sequence[Mapping[str, Any]]) -> bool:
@@ -1147,8 +1188,10 @@ class _Packed:
     #: tensors summed by the fused Triton kernel (CUDA), by device and dtypes
     fused: list[FusedGroup]
     chunk: int
-    #: per device: row index, numel, count (1 for the items on that device) and replica weights
-    static: dict[torch.device, tuple[Tensor, Tensor, Tensor, Tensor | None]] = field(default_factory=dict)
+    #: the devices of the items
+    devices: list[torch.device]
+    #: per device: row of each item, the constant columns of the table (numel, count), -, replica weights
+    static: dict[torch.device, tuple[Tensor, Tensor, None, Tensor | None]] = field(default_factory=dict)
 
     @property
     def indices(self) -> set[int]:
@@ -1164,7 +1207,7 @@ def _packed_layout(works: list[_GroupWork], chunk_numel: int | None, triton: boo
     # 1-D tensors get float64 products (see packed_sums); measured: float64 throughout is twice as slow on the
     # CPU even for a small model, so the others stay in their own float32 buckets.
     sources = [
-        PieceSource(item=j, p=it.p, m=it.m, v=it.v, exact=it.ndim <= 1)  # type: ignore[arg-type]
+        PieceSource(item=j, p=it.p, m=it.m, v=it.v, exact=it.ndim <= 1, row=it.row, weight=it.weight)  # type: ignore[arg-type]
         for j, it in enumerate(items)
     ]
     # on a GPU (Triton installed) the fused kernel reads each tensor once; see triton_sums
@@ -1177,6 +1220,7 @@ def _packed_layout(works: list[_GroupWork], chunk_numel: int | None, triton: boo
         buckets=build_layout(rest, chunk),
         fused=build_fused_layout(fusable),
         chunk=chunk,
+        devices=list(dict.fromkeys(it.p.device for it in items)),
     )
 
 
@@ -1230,15 +1274,14 @@ def _item_vector(values: list[float | Tensor], device: torch.device) -> Tensor:
     return torch.stack([torch.as_tensor(v, device=device).to(dtype) for v in values])
 
 
-def _process_packed(packed: _Packed, acc: _Accumulator) -> None:
-    """Sums of all AdamW groups through :mod:`lightning_adamw.packed_sums` (see there)."""
+def _process_packed(packed: _Packed, acc: _Accumulator, num_rows: int) -> None:
+    """Sums of all AdamW groups: the fused kernel of :mod:`lightning_adamw.triton_sums` where it runs (CUDA),
+    else the torch kernels of :mod:`lightning_adamw.packed_sums`."""
     items = packed.items
     # eta*u = s * m / (sqrt(v) + c*eps) with c = sqrt(1 - beta2^t), s = lr / (1 - beta1^t) * c
     eps_scaled: list[Any]
     scale: list[Any]
-    if all(
-        w.device_scalars is not None for w in packed.works
-    ):  # a few kernels on vectors, not some per tensor
+    if all(w.device_scalars is not None for w in packed.works):  # a few kernels on vectors, none per tensor
         vectors = [w.device_scalars for w in packed.works]
         bc2_vec = torch.cat([v[1] for v in vectors])  # type: ignore[index]
         eps_vec = torch.cat([v[1] * w.eps for v, w in zip(vectors, packed.works, strict=True)])  # type: ignore[index]
@@ -1250,21 +1293,29 @@ def _process_packed(packed: _Packed, acc: _Accumulator) -> None:
             eps_scaled += [b * w.eps for b in bc2]
             scale += [ss * b for ss, b in zip(step_sizes, bc2, strict=True)]
     eps_common, scale_common = _uniform_float(eps_scaled), _uniform_float(scale)
-    per_device: dict[torch.device, tuple[Tensor, Tensor | float, Tensor | float]] = {}
 
-    def device_args(dev: torch.device) -> tuple[Tensor, Tensor | float, Tensor | float]:
-        if dev not in per_device:
-            per_device[dev] = (
-                torch.zeros(len(items), 4, dtype=_acc_dtype(dev), device=dev),
-                eps_common if eps_common is not None else _item_vector(eps_scaled, dev),
-                scale_common if scale_common is not None else _item_vector(scale, dev),
-            )
-        return per_device[dev]
+    # Each device's table starts from the plan's constant columns (numel, count); the sums are added to it.
+    for device in packed.devices:
+        base = _packed_base(packed, device, num_rows)
+        if device in acc.tables:
+            acc.tables[device] += base
+        else:
+            acc.tables[device] = base.clone()
+
+    vectors_on: dict[torch.device, tuple[Tensor, Tensor]] = {}
+
+    def fused_scalars(dev: torch.device) -> tuple[Tensor, Tensor]:
+        if dev not in vectors_on:
+            if eps_common is not None and scale_common is not None:
+                both = shared_scalars(eps_common, scale_common, dev)
+                vectors_on[dev] = (both[0:1], both[1:2])
+            else:
+                vectors_on[dev] = (_item_vector(eps_scaled, dev), _item_vector(scale, dev))
+        return vectors_on[dev]
 
     for group in list(packed.fused):
         try:
-            out, eps_arg, scale_arg = device_args(group.device)
-            fused_item_sums(group, eps_arg, scale_arg, out)
+            fused_table_sums(group, *fused_scalars(group.device), table=acc.table(group.device))
         except Exception as err:  # a Triton that cannot compile or launch here: the torch path, for good
             disable(repr(err))
             warnings.warn(
@@ -1274,37 +1325,59 @@ def _process_packed(packed: _Packed, acc: _Accumulator) -> None:
             )
             packed.fused.remove(group)
             packed.buckets.extend(build_layout(group.sources, packed.chunk))
+
+    per_device: dict[torch.device, tuple[Tensor, Tensor | float, Tensor | float]] = {}
     for bucket in packed.buckets:
-        out, eps_arg, scale_arg = device_args(bucket.device)
-        adamw_item_sums(bucket, eps_arg, scale_arg, out)
-    for device, (out, _, scale_arg) in per_device.items():
-        adt = out.dtype
-        if device not in packed.static:
-            # items of other devices (a model split over devices) get zero rows here
-            here = [1.0 if it.p.device == device else 0.0 for it in items]
-            rows = _host_to([it.row for it in items], torch.int64, device)
-            numel = _host_to(
-                [float(it.p.numel()) * h for it, h in zip(items, here, strict=True)], adt, device
+        dev = bucket.device
+        if dev not in per_device:
+            per_device[dev] = (
+                torch.zeros(len(items), 4, dtype=_acc_dtype(dev), device=dev),
+                eps_common if eps_common is not None else _item_vector(eps_scaled, dev),
+                scale_common if scale_common is not None else _item_vector(scale, dev),
             )
-            weights = [it.weight for it in items]
-            weight = _host_to(weights, adt, device).unsqueeze(1) if any(w != 1.0 for w in weights) else None
-            packed.static[device] = (rows, numel, _host_to(here, adt, device), weight)
-        rows, numel, count, weight = packed.static[device]
-        col_b = out[:, 0] * scale_arg * scale_arg
-        col_e = out[:, 1] * scale_arg
-        zeros = torch.zeros_like(col_b)
-        block = torch.stack([out[:, 3], col_b, col_e, out[:, 2], zeros, zeros, numel, count], dim=1)
+        out, eps_arg, scale_arg = per_device[dev]
+        adamw_item_sums(bucket, eps_arg, scale_arg, out)
+    for dev, (out, _, scale_arg) in per_device.items():
+        rows, weight = packed.static[dev][0], packed.static[dev][3]
+        block = torch.stack(
+            [out[:, 3], out[:, 0] * scale_arg * scale_arg, out[:, 1] * scale_arg, out[:, 2]], 1
+        )
         if weight is not None:
             block = block * weight
-        acc.table(device).index_add_(0, rows, block)
+        acc.table(dev)[:, :4].index_add_(0, rows, block)
+
+
+def _packed_base(packed: _Packed, device: torch.device, num_rows: int) -> Tensor:
+    """The plan's constant columns for the items on ``device``: numel and count (times replica weights), and the
+    per-device index and weights the torch path needs. Built once per plan and device."""
+    if device not in packed.static:
+        items = packed.items
+        adt = _acc_dtype(device)
+        # items of other devices (a model split over devices) get zero rows here
+        here = [1.0 if it.p.device == device else 0.0 for it in items]
+        weights = [it.weight for it in items]
+        rows = _host_to([it.row for it in items], torch.int64, device)
+        weight = _host_to(weights, adt, device).unsqueeze(1) if any(w != 1.0 for w in weights) else None
+        columns = torch.tensor(
+            [[float(it.p.numel()) * h * wt, h * wt] for it, h, wt in zip(items, here, weights, strict=True)],
+            dtype=adt,
+        )
+        base = torch.zeros(num_rows, _K, dtype=adt)
+        base[:, _NUMEL : _COUNT + 1].index_add_(0, torch.tensor([it.row for it in items]), columns)
+        packed.static[device] = (
+            rows,
+            base if device.type == "cpu" else base.to(device, non_blocking=True),
+            None,
+            weight,
+        )
+    return packed.static[device][1]
 
 
 def _uniform_float(values: list[Any]) -> float | None:
     """The common value of a list of host floats, else ``None`` (steps differ, or scalars on a device)."""
-    first = values[0] if values else None
-    if not isinstance(first, float) or any(not isinstance(v, float) or v != first for v in values):
+    if not values or set(map(type, values)) != {float} or values.count(values[0]) != len(values):
         return None
-    return first
+    return values[0]
 
 
 def _auto_chunk(works: list[_GroupWork], chunk_numel: int | None) -> int:
@@ -1332,22 +1405,26 @@ def _split_from_groups(
     with torch.no_grad():
         plan = _plan(param_groups, state, adam_family, snapshot, reduce, chunk_numel, cache_key, triton)
         works, num_rows = plan.works, plan.num_rows
-        chunk = _auto_chunk(works, chunk_numel)
         num_coupled = sum(1 for w in works if w.kind == "adam_l2")
         acc = _Accumulator(num_rows, num_coupled)
         main = _main_device(works)
         packed = plan.packed.indices if plan.packed is not None else set()
         if plan.packed is not None:
-            _process_packed(plan.packed, acc)
-        for w in works:
-            if w.index not in packed:
-                for bucket in _buckets(w.items, chunk):
-                    _process_bucket(w, bucket, acc, grad_scale)
+            _process_packed(plan.packed, acc, num_rows)
+        others = [w for w in works if w.index not in packed]
+        chunk = _auto_chunk(others, chunk_numel) if others else 0
+        for w in others:
+            for bucket in _buckets(w.items, chunk):
+                _process_bucket(w, bucket, acc, grad_scale)
         _count_rows(works, acc, packed)
         adt = _acc_dtype(main)
-        table = torch.zeros(num_rows, _K, dtype=adt, device=main)
-        for t in acc.tables.values():
-            table += t.to(main)
+        only = acc.tables.get(main) if len(acc.tables) == 1 else None
+        if only is not None and only.dtype == adt:
+            table = only  # one device: its table is the result (no copy)
+        else:
+            table = torch.zeros(num_rows, _K, dtype=adt, device=main)
+            for t in acc.tables.values():
+                table += t.to(main)
         extras: list[Tensor] = []
         if num_coupled:
             minmax = torch.full((num_coupled, 2), -math.inf, dtype=adt, device=main)
@@ -1361,15 +1438,13 @@ def _split_from_groups(
             extras += [(-minmax[:, 0]), minmax[:, 1], median]
         if reduce is not None:
             reduce.all_reduce(table, "sum")
-        flag = (
-            found_inf.detach().reshape(1).to(device=main, dtype=adt)
-            if found_inf is not None
-            else torch.zeros(1, dtype=adt, device=main)
-        )
+        parts = [table.reshape(-1), *extras]
+        if found_inf is not None:  # a fused optimizer's skipped-step flag (GradScaler)
+            parts.append(found_inf.detach().reshape(1).to(device=main, dtype=adt))
         # The one device -> host transfer of the whole computation.
-        host = torch.cat([table.reshape(-1), *extras, flag]).cpu().tolist()
+        host = (torch.cat(parts) if len(parts) > 1 else parts[0]).cpu().tolist()
 
-    if host[-1] > 0:
+    if found_inf is not None and host[-1] > 0:
         return UpdateSplit(groups=[], skipped=True)
     rows = [host[i * _K : (i + 1) * _K] for i in range(num_rows)]
     offset = num_rows * _K
