@@ -13,7 +13,7 @@ What it measures, per precision (interleaved rounds, warm-up, median and min-max
 
 * **fp32**: fp32 parameters, gradients and Adam state: the layout of Lightning's ``bf16-mixed`` /
   ``16-mixed`` precision, where the fp32 parameters are the master weights and only the compute is in bf16;
-* **bf16**: bf16 parameters, gradients and Adam state (``bf16-true``); the monitor computes in fp32 chunks.
+* **bf16**: bf16 parameters, gradients and Adam state (``bf16-true``); the monitor computes in fp32.
 
 On a Llama-shaped model of ~1.35B parameters (``LlamaSkeleton``, 219 tensors; only the parameters exist, the
 gradients are random: the optimizer's work does not depend on where gradients come from), and on item 2's
@@ -460,7 +460,7 @@ def run(
             """
             Precisions: fp32 = fp32 parameters, gradients and Adam state (the master weights of
             Lightning's bf16-mixed); bf16 = bf16 parameters, gradients and Adam state (bf16-true), the
-            monitor computing in fp32 chunks. Llama gradients are random (the optimizer's and the monitor's
+            monitor's fused kernel computing in fp32 as it loads them. Llama gradients are random (the optimizer's and the monitor's
             work does not depend on them); the small GPT has real gradients from two training steps.
             """.split()
         ),

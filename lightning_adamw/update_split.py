@@ -1094,7 +1094,8 @@ def _signature(
             if p.grad is None or not st or "exp_avg" not in st or "step" not in st:
                 sig.append(id(p))
             else:
-                sig.append((id(p), _data_ptr(p), id(st), id(st["exp_avg"]), id(st[v_key])))
+                m, v = st["exp_avg"], st[v_key]
+                sig.append((id(p), _data_ptr(p), id(st), id(m), id(v), _data_ptr(m), _data_ptr(v)))
     return tuple(sig)
 
 
@@ -1121,6 +1122,9 @@ def _group_signature(
             tuple(map(id, states)),
             tuple(map(id, map(_EXP_AVG, states))),
             tuple(map(id, map(operator.itemgetter(v_key), states))),
+            # (the fused kernel reads raw pointers: a state tensor whose storage was swapped must rebuild)
+            tuple(map(Tensor.data_ptr, map(_EXP_AVG, states))),
+            tuple(map(Tensor.data_ptr, map(operator.itemgetter(v_key), states))),
         )
         deque(map(_STEP, states), maxlen=0)  # every one has a step
     except (TypeError, KeyError):  # a state that is None or lacks a key

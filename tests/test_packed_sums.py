@@ -138,6 +138,14 @@ def test_plan_is_cached_and_follows_changes() -> None:
         model[0].weight.data = model[0].weight.data.clone()
     _step_and_check(model, opt, 3)
     assert us._PLANS[opt] is not plan
+    plan = us._PLANS[opt]
+
+    # an optimizer state tensor's storage swapped in place (same tensor object): the fused kernel reads raw
+    # pointers, so this must rebuild too
+    state = opt.state[model[0].weight]
+    state["exp_avg"].data = state["exp_avg"].data.clone()
+    _step_and_check(model, opt, 3)
+    assert us._PLANS[opt] is not plan
 
     # a parameter without a gradient this step is left out, and counted again when it has one
     model[3].weight.requires_grad_(False)
