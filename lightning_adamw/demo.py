@@ -1,9 +1,11 @@
 """The built-in job: a small CNN on scikit-learn's bundled handwritten digits (no download).
 
-``lightning-adamw fit --config configs/quickstart.yaml`` trains :class:`DigitsClassifier` on
-:class:`DigitsDataModule` on a CPU in seconds. Both are ordinary Lightning classes and double as a template:
-the model uses :class:`~lightning_adamw.DecoupledWeightDecayMixin` and accepts LightningCLI-injected
-optimizer and scheduler callables.
+``lightning-adamw fit`` (or ``lightning-adamw fit --config configs/quickstart.yaml``, the same job written out)
+trains :class:`DigitsClassifier` on :class:`DigitsDataModule` on a CPU in seconds. Both are ordinary Lightning
+classes and double as a template: the model uses :class:`~lightning_adamw.DecoupledWeightDecayMixin` and
+accepts LightningCLI-injected optimizer and scheduler callables. Given no data module, the model trains on
+``DigitsDataModule()`` by itself, so ``lightning-adamw fit`` alone is the whole job; a data module given to
+the trainer (``--data``, the configs) is used instead.
 """
 
 from __future__ import annotations
@@ -121,6 +123,10 @@ class DigitsClassifier(DecoupledWeightDecayMixin, L.LightningModule):
         optimizer: an optimizer callable injected by LightningCLI (``--model.optimizer AdamW``); it receives
             the decay / no-decay groups. ``None`` uses AdamW with the arguments above.
         lr_scheduler: a scheduler callable injected by LightningCLI; ``None`` uses ``lr_schedule``.
+
+    Data: with no data module (``trainer.fit(model)``, ``lightning-adamw fit`` without ``--data``) the
+    ``*_dataloader`` methods serve a ``DigitsDataModule()`` with its defaults (batch size 64, the fixed split).
+    A data module given to the trainer takes precedence, as always in Lightning.
     """
 
     def __init__(
@@ -167,6 +173,7 @@ class DigitsClassifier(DecoupledWeightDecayMixin, L.LightningModule):
         self.test_acc = MulticlassAccuracy(num_classes=NUM_CLASSES)
         self.val_f1 = MulticlassF1Score(num_classes=NUM_CLASSES, average="macro")
         self.test_f1 = MulticlassF1Score(num_classes=NUM_CLASSES, average="macro")
+        self._own_data: DigitsDataModule | None = None
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(images))
@@ -197,3 +204,22 @@ class DigitsClassifier(DecoupledWeightDecayMixin, L.LightningModule):
 
     def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self(batch[0]).argmax(dim=-1)
+
+    # Used only when no data module is given (Lightning prefers a data module's loaders).
+    def _digits(self) -> DigitsDataModule:
+        if self._own_data is None:
+            self._own_data = DigitsDataModule()
+            self._own_data.setup()
+        return self._own_data
+
+    def train_dataloader(self) -> DataLoader:
+        return self._digits().train_dataloader()
+
+    def val_dataloader(self) -> DataLoader:
+        return self._digits().val_dataloader()
+
+    def test_dataloader(self) -> DataLoader:
+        return self._digits().test_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._digits().predict_dataloader()

@@ -22,10 +22,15 @@ from typing_extensions import override
 from lightning_adamw.optim_checks import is_adam_family
 from lightning_adamw.update_split import (
     KIND_PREFIX,
+    W_OLD_MAX_RELATIVE_ERROR,
     GroupSplit,
     ShardReduce,
     UpdateSplit,
     dtensor_weight,
+    group_label,
+    group_labels,
+    layer_labels,
+    param_labels,
     take_snapshot,
     update_split,
 )
@@ -69,18 +74,30 @@ class WeightDecayMonitor(Callback):
     Args:
         log_every_n_steps: log every this many optimizer steps (at steps ``n-1, 2n-1, ...`` like Lightning's own
             logging). ``None`` follows ``Trainer(log_every_n_steps=...)`` (50 where that is 0).
-        per_layer: also log every metric per parameter tensor under ``<prefix>_layer/<param name>/<metric>``.
+        per_layer: also log every metric per parameter tensor under ``<prefix>_layer/<param>/<metric>`` (see
+            "Names" below for ``<param>``).
         histogram_every_n_steps: how often to log, per group, the histogram over its tensors of the
             decay-to-gradient ratio (W&B ``wandb.Histogram`` and TensorBoard histograms). ``None`` means every
             ten logging intervals, ``0`` disables.
         plot: at the end of ``fit``, save ``plot_filename`` (PNG) with decay vs gradient update norms per group
             over training beside the logs and send it to W&B / TensorBoard.
-        plot_filename: file name of the summary figure.
+        plot_filename: file of the summary figure: a relative path (``"plots/wd.png"`` too) goes under the
+            first logger's log directory (``default_root_dir`` without a logger), an absolute one is used as
+            given; missing folders are created. Raises ``ValueError`` when empty.
         chunk_numel: elements processed per chunk (bounds the extra memory); ``None`` picks about 1/16 of the
             parameters, between 65k and 16M elements.
 
-    Metrics (``<group>`` is the parameter group's ``"name"``, else ``group{i}``; with several optimizers it is
-    prefixed ``opt{k}.``). For AdamW groups, under ``adamw/<group>/``:
+    Names: ``<group>`` is the parameter group's ``"name"``, else ``group{i}``; a name that an earlier group of
+    the same optimizer already has gets the first free suffix ``_1``, ``_2``, ... (two ``build_param_groups``
+    calls give ``decay``, ``no_decay``, ``decay_1``, ``no_decay_1``). ``<param>`` is the tensor's name (from
+    the group's ``"param_names"``, else ``<group>.param{j}``) while no other group of the optimizer has a
+    tensor of that name; a name found in several groups is logged as ``<group>/<name>`` in every one of them
+    (``decay/0.weight`` and ``decay_1/0.weight`` for a backbone's and a head's first Linear). With several
+    optimizers both are prefixed ``opt{k}.``. Histograms and the summary figure use the same group labels. The
+    monitor warns once when an optimizer has groups with the same name: Lightning's ``LearningRateMonitor``
+    refuses them, so give the groups names of their own (``build_param_groups(..., group_prefix=...)``).
+
+    Metrics. For AdamW groups, under ``adamw/<group>/``:
 
     ==================================  ===================================================================
     ``decay_norm``                      :math:`\|\eta\lambda w_{old}\|` (exactly 0 in a ``weight_decay=0`` group)
@@ -119,11 +136,21 @@ class WeightDecayMonitor(Callback):
     step *pre*-hook on logging steps only and freed right after the step, so that step costs one extra copy of
     the parameters.
 
+    Weights before the step: AdamW stored :math:`w_{old}(1 - \eta\lambda) - \eta u`, so :math:`w_{old}` comes
+    back with a relative error of about eps / :math:`|1 - \eta\lambda|` (eps: machine epsilon of the
+    parameters). When that exceeds 1/64 (:func:`~lightning_adamw.update_split.w_old_reconstructible`; float32:
+    :math:`|1 - \eta\lambda| < 7.6 \cdot 10^{-6}`, e.g. ``lr * weight_decay == 1``, where the weights were
+    multiplied by 0) the metrics that need :math:`w_{old}` (``decay_norm``, ``decay_to_grad_ratio``,
+    ``update_norm``, ``update_to_weight``, ``cos_grad_update_weight``, ``angular_update``) are left out for
+    that group, never logged as 0; ``grad_update_norm``, ``weight_norm`` and the rates are still logged. One
+    warning names the group, ``lr`` and ``weight_decay``; ``adamw/w_old_unknown_steps`` counts such logging
+    steps (cumulative).
+
     Always: ``adamw/nonfinite_tensors`` (tensors with NaN/inf weights or update at this logging step; their
-    metrics and their group's are left out rather than logged as NaN) and ``adamw/nonfinite_steps`` (logging
-    steps with any, cumulative). Histograms: ``<prefix>_hist/<group>/<metric>`` with the metric
-    ``decay_to_grad_ratio`` (AdamW), ``l2_grad_share`` (Adam+L2) or ``update_to_weight`` (other). Summary
-    image: ``adamw/summary``.
+    metrics and their group's are left out rather than logged as NaN), ``adamw/nonfinite_steps`` (logging
+    steps with any, cumulative) and ``adamw/w_old_unknown_steps``. Histograms:
+    ``<prefix>_hist/<group>/<metric>`` with the metric ``decay_to_grad_ratio`` (AdamW), ``l2_grad_share``
+    (Adam+L2) or ``update_to_weight`` (other). Summary image: ``adamw/summary``.
 
     How it hooks in: ``optimizer.register_step_post_hook`` runs inside ``optimizer.step()`` right after the
     update, when ``lr`` and ``weight_decay`` are still the ones used (a step-interval scheduler moves them later)
@@ -132,6 +159,12 @@ class WeightDecayMonitor(Callback):
     used for the numbers. The metric step is ``trainer.global_step`` before the increment (with manual
     optimization: Lightning's batch counter, so that several optimizers stepping in one batch log together), so
     the values line up with the loss logged for the same batch.
+
+    Several fits with one monitor: :attr:`history` (the summary figure's data) keeps every fit. Steps restart at
+    0 in a new fit, so a fit that is not resumed from a checkpoint is recorded after the end of the previous one
+    (:attr:`step_offset`; where each began is in :attr:`fit_starts` and drawn as a dashed line); the metrics
+    sent to the loggers keep the trainer's own step. A fit resumed from a checkpoint restores the history and
+    the offset and continues the same curves.
 
     Distributed: under DDP the parameters are identical on every rank, so only rank zero computes and logs. With
     sharded parameters (``FSDPStrategy``, ``ModelParallelStrategy``, DTensor) every rank computes local sums,
@@ -168,17 +201,28 @@ class WeightDecayMonitor(Callback):
             )
         if chunk_numel is not None and (not isinstance(chunk_numel, int) or chunk_numel < 1):
             raise ValueError(f"chunk_numel must be a positive int or None, got {chunk_numel!r}")
+        if not isinstance(plot_filename, (str, os.PathLike)) or not os.fspath(plot_filename).strip():
+            raise ValueError(f"plot_filename must be a non-empty file name or path, got {plot_filename!r}")
         self.log_every_n_steps = log_every_n_steps
         self.per_layer = per_layer
         self.histogram_every_n_steps = histogram_every_n_steps
         self.plot = plot
-        self.plot_filename = plot_filename
+        self.plot_filename = os.fspath(plot_filename)
         self.chunk_numel = chunk_numel
 
-        #: ``{"adamw/decay": {"decay_norm": [[step, value], ...]}}`` over the whole run (survives resume).
+        #: ``{"adamw/decay": {"decay_norm": [[step, value], ...]}}`` over the whole run (survives resume). The
+        #: step is the optimizer step plus :attr:`step_offset`, so that several fits stay apart.
         self.history: dict[str, dict[str, list[list[float]]]] = {}
+        #: Added to the optimizer step in :attr:`history`: 0 in the first fit of this monitor; a later fit that
+        #: is not resumed from a checkpoint starts after the end of the previous one (see the class docstring).
+        self.step_offset = 0
+        #: Where in :attr:`history` each fit after the first started (its :attr:`step_offset`).
+        self.fit_starts: list[int] = []
         #: Logging steps that had NaN/inf weights or updates (cumulative, survives resume).
         self.nonfinite_steps = 0
+        #: Logging steps at which some group's weights before the step could not be reconstructed
+        #: (``lr * weight_decay`` at or too close to 1; cumulative, survives resume).
+        self.w_old_unknown_steps = 0
         #: Steps a fused optimizer reported as skipped (GradScaler overflow) on logging steps.
         self.skipped_steps = 0
         #: The metrics of the last logging step (also when no logger is attached).
@@ -197,8 +241,13 @@ class WeightDecayMonitor(Callback):
         self._num_optimizers = 1
         self._manual = False
         self._last_nonfinite_step = -1
+        self._last_unknown_step = -1
         self._warned: set[str] = set()
         self._disabled = False
+        #: ``step_offset`` + steps taken, at the end of the last fit
+        self._fit_end = 0
+        #: set by ``load_state_dict`` (a resumed fit), consumed by ``on_train_start``
+        self._restored = False
 
     # ----------------------------------------------------------------------------------------------------------
     # Lightning hooks
@@ -213,6 +262,8 @@ class WeightDecayMonitor(Callback):
         self._remove_hooks()
         self._trainer = trainer
         self._disabled = False
+        self._last_nonfinite_step = self._last_unknown_step = -1
+        self._start_fit(self._step_index(trainer))
         # Trainer(log_every_n_steps=0) switches Lightning's own logging off; the monitor then keeps its default.
         self._interval = self.log_every_n_steps or int(trainer.log_every_n_steps) or 50
         if self.histogram_every_n_steps is None:
@@ -231,6 +282,7 @@ class WeightDecayMonitor(Callback):
         optimizers = list(trainer.optimizers)
         self._num_optimizers = len(optimizers)
         for k, optimizer in enumerate(optimizers):
+            self._warn_duplicate_names(k, optimizer)
             if not is_adam_family(optimizer):
                 name = type(optimizer).__name__
                 self._warn_once(
@@ -247,6 +299,7 @@ class WeightDecayMonitor(Callback):
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove_hooks()
+        self._fit_end = self.step_offset + self._step_index(trainer)
         if self.plot and trainer.is_global_zero and self.history:
             self._write_figure(trainer)
 
@@ -257,12 +310,15 @@ class WeightDecayMonitor(Callback):
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
-            "version": 1,
+            "version": 2,
             "history": {
                 k: {m: [list(p) for p in pts] for m, pts in v.items()} for k, v in self.history.items()
             },
             "nonfinite_steps": self.nonfinite_steps,
             "skipped_steps": self.skipped_steps,
+            "w_old_unknown_steps": self.w_old_unknown_steps,
+            "step_offset": self.step_offset,
+            "fit_starts": list(self.fit_starts),
         }
 
     @override
@@ -271,6 +327,24 @@ class WeightDecayMonitor(Callback):
         self.history = {k: {m: [list(p) for p in pts] for m, pts in v.items()} for k, v in history.items()}
         self.nonfinite_steps = int(state_dict.get("nonfinite_steps", 0))
         self.skipped_steps = int(state_dict.get("skipped_steps", 0))
+        self.w_old_unknown_steps = int(state_dict.get("w_old_unknown_steps", 0))
+        # (version 1 checkpoints: one fit, no offset)
+        self.step_offset = int(state_dict.get("step_offset", 0))
+        self.fit_starts = [int(x) for x in state_dict.get("fit_starts", [])]
+        self._restored = True  # the coming fit resumes this state: it continues the same curves
+
+    def _start_fit(self, first_step: int) -> None:
+        """Keep the curves of an earlier fit of this monitor apart from this one's, whose steps restart at 0
+        (``first_step`` is this fit's first step: 0 for a new Trainer, more when a Trainer fits again)."""
+        if self._restored:  # resumed from a checkpoint: same curves, same offset
+            self._restored = False
+            return
+        last = max((p[-1][0] for series in self.history.values() for p in series.values() if p), default=-1.0)
+        if last < 0 and self._fit_end == 0:
+            return  # the first fit of this monitor
+        start = max(self._fit_end, int(last) + 1)
+        self.step_offset = max(start - first_step, 0)
+        self.fit_starts.append(first_step + self.step_offset)
 
     # ----------------------------------------------------------------------------------------------------------
     # Optimizer hooks
@@ -364,9 +438,17 @@ class WeightDecayMonitor(Callback):
                 f" (first: {nonfinite[0]}); their metrics are left out and counted in"
                 f" {_COUNTER_PREFIX}/nonfinite_steps.",
             )
+        unknown = split.w_old_unknown
+        if unknown:
+            if step != self._last_unknown_step:
+                self.w_old_unknown_steps += 1
+                self._last_unknown_step = step
+            for group in unknown:
+                self._warn_w_old_unknown(f"{label}{group.name}", group, step)
         metrics = split.metrics(per_layer=self.per_layer, label_prefix=label)
         metrics[f"{_COUNTER_PREFIX}/nonfinite_tensors"] = float(len(nonfinite))
         metrics[f"{_COUNTER_PREFIX}/nonfinite_steps"] = float(self.nonfinite_steps)
+        metrics[f"{_COUNTER_PREFIX}/w_old_unknown_steps"] = float(self.w_old_unknown_steps)
         for group in split.groups:
             self._record(f"{group.prefix}/{label}{group.name}", group, step)
         if not log:
@@ -383,12 +465,13 @@ class WeightDecayMonitor(Callback):
 
     def _record(self, key: str, group: GroupSplit, step: int) -> None:
         series = self.history.setdefault(key, {})
+        x = float(step + self.step_offset)
         for name in _PLOTTED[group.kind]:
             if name in group.metrics:
                 points = series.setdefault(name, [])
-                if points and points[-1][0] >= step:
+                if points and points[-1][0] >= x:
                     continue  # a hook that fired twice for one step (e.g. LBFGS-style step) records it once
-                points.append([float(step), group.metrics[name]])
+                points.append([x, group.metrics[name]])
 
     def _log_histograms(self, trainer: pl.Trainer, split: UpdateSplit, label: str, step: int) -> None:
         values: dict[str, list[float]] = {}
@@ -432,10 +515,12 @@ class WeightDecayMonitor(Callback):
     def _write_figure(self, trainer: pl.Trainer) -> None:
         from lightning_adamw.monitor_plot import plot_history
 
-        directory = _figure_dir(trainer)
-        os.makedirs(directory, exist_ok=True)
-        path = os.path.join(directory, self.plot_filename)
-        fig = plot_history(self.history, title="WeightDecayMonitor: decay vs gradient update")
+        # a relative plot_filename (also "plots/wd.png") goes under the log directory, an absolute one as given
+        path = os.path.join(_figure_dir(trainer), os.path.expanduser(self.plot_filename))
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        fig = plot_history(
+            self.history, title="WeightDecayMonitor: decay vs gradient update", fit_starts=self.fit_starts
+        )
         fig.savefig(path, dpi=100)
         self.figure_path = path
         last_step = trainer.global_step
@@ -458,6 +543,67 @@ class WeightDecayMonitor(Callback):
             handle.remove()
         self._handles = []
         self._snapshots = {}
+
+    def _warn_duplicate_names(self, k: int, optimizer: torch.optim.Optimizer) -> None:
+        """Say in plain words how groups and tensors with the same names are told apart in the metric keys."""
+        groups = optimizer.param_groups
+        where = (
+            f"optimizer {k} ({type(optimizer).__name__})"
+            if self._num_optimizers > 1
+            else type(optimizer).__name__
+        )
+        prefix = f"opt{k}." if self._num_optimizers > 1 else ""
+        raw = [group_label(g, i) for i, g in enumerate(groups)]
+        labels = group_labels(groups)
+        if raw != labels:
+            renamed = ", ".join(
+                f"group {i} '{r}' as '{prefix}{u}'"
+                for i, (r, u) in enumerate(zip(raw, labels, strict=True))
+                if raw.count(r) > 1
+            )
+            self._warn_once(
+                f"duplicate-groups-{k}",
+                f"WeightDecayMonitor: {where} has several parameter groups with the same name"
+                f" ({sorted({r for r in raw if raw.count(r) > 1})}); they are logged apart, {renamed}"
+                " (e.g. adamw/<label>/decay_norm). Lightning's LearningRateMonitor refuses duplicate group"
+                " names: give each group its own 'name', e.g. build the groups of each part with"
+                ' `build_param_groups(self.backbone, weight_decay, group_prefix="backbone")`.',
+            )
+        if not self.per_layer:
+            return
+        names = [param_labels(g, i, label=labels[i]) for i, g in enumerate(groups)]
+        pairs = [
+            (n, key)
+            for ns, ks in zip(names, layer_labels(groups), strict=True)
+            for n, key in zip(ns, ks, strict=True)
+            if key != n
+        ]
+        if pairs:
+            qualified = sorted({n for n, _ in pairs})
+            shown = ", ".join(qualified[:5]) + (
+                f" and {len(qualified) - 5} more" if len(qualified) > 5 else ""
+            )
+            self._warn_once(
+                f"duplicate-tensors-{k}",
+                f"WeightDecayMonitor: tensor names {shown} appear in more than one parameter group of {where};"
+                " their per-layer metrics are logged under the group's label,"
+                f" <prefix>_layer/{prefix}<group>/<name>/<metric> (e.g. adamw_layer/{prefix}{pairs[0][1]}"
+                "/decay_norm).",
+            )
+
+    def _warn_w_old_unknown(self, label: str, group: GroupSplit, step: int) -> None:
+        q = 1.0 - group.lr * group.weight_decay
+        self._warn_once(
+            f"w-old-{label}",
+            f"WeightDecayMonitor: group '{label}' has lr = {group.lr:g} and weight_decay = {group.weight_decay:g}"
+            f" at step {step}, so AdamW multiplied its weights by 1 - lr*weight_decay = {q:.3g}: the weights"
+            " before the step cannot be recovered from the optimizer state to better than"
+            f" {W_OLD_MAX_RELATIVE_ERROR:.1%} in the parameters' precision. decay_norm, decay_to_grad_ratio,"
+            " update_norm, update_to_weight, cos_grad_update_weight and angular_update are left out for this"
+            f" group while this lasts (logging steps counted in {_COUNTER_PREFIX}/w_old_unknown_steps);"
+            " grad_update_norm, weight_norm and uniform_decay_rate are still logged. lr*weight_decay near 1"
+            " wipes out the weights at every step: check the learning rate and weight_decay.",
+        )
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:

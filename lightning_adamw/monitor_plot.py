@@ -30,12 +30,14 @@ def _series(history: Mapping[str, Sequence[Sequence[float]]], key: str) -> tuple
     return [s for s, _ in points], [v for _, v in points]
 
 
-def plot_history(history: History, title: str | None = None) -> Figure:
+def plot_history(history: History, title: str | None = None, fit_starts: Sequence[float] = ()) -> Figure:
     """One panel per parameter group, log scale, x axis = optimizer step.
 
     * AdamW groups: decay norm and gradient-update norm (and their ratio on a second axis);
     * Adam + coupled L2 groups: min-median-max band of the per-coordinate decay rate vs AdamW's uniform ``lr·λ``;
     * other optimizers: update norm and weight norm.
+
+    ``fit_starts``: x positions where a later fit of the same monitor began (a dashed vertical line each).
     """
     keys = sorted(history)
     fig = Figure(figsize=(8.0, 2.8 * max(len(keys), 1)), layout="constrained")
@@ -83,6 +85,8 @@ def plot_history(history: History, title: str | None = None) -> Figure:
                 if xs:
                     ax.plot(xs, ys, **_STYLES[name])
             ax.set_ylabel("norm")
+        for i, x in enumerate(fit_starts):
+            ax.axvline(x, color="gray", linestyle="--", linewidth=0.8, label="new fit" if i == 0 else None)
         ax.set_yscale("log")
         ax.set_title(key)
         ax.grid(True, which="both", alpha=0.3)

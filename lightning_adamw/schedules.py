@@ -4,6 +4,10 @@ Pure torch. :class:`WarmupCosineLR` is an ordinary ``LRScheduler`` so LightningC
 (``lr_scheduler: {class_path: lightning_adamw.WarmupCosineLR, init_args: {warmup_steps: 100}}``). Leaving
 ``total_steps`` unset lets :class:`~lightning_adamw.DecoupledWeightDecayMixin` fill it in from
 ``trainer.estimated_stepping_batches`` once the trainer knows it.
+
+On resume (``load_state_dict``) the schedule restores only its progress: the new run's configuration (base
+learning rates, ``warmup_steps``, ``min_lr_ratio``, ``total_steps``) wins, so a run extended with more epochs
+follows the longer schedule from the step it reached.
 """
 
 from __future__ import annotations
@@ -71,12 +75,12 @@ class WarmupCosineLR(LambdaLR):
         self.warmup_steps = warmup_steps
         self.total_steps = total_steps
         self.min_lr_ratio = float(min_lr_ratio)
+        #: One line about what a resume changed (see :meth:`load_state_dict`), or ``None``.
+        self.resume_note: str | None = None
         super().__init__(optimizer, self._factor, last_epoch=last_epoch)
 
     def _factor(self, step: int) -> float:
-        if self.total_steps is None:  # not known yet: warm up, then hold
-            return min(1.0, (step + 1) / (self.warmup_steps + 1))
-        return warmup_cosine_factor(step, self.warmup_steps, self.total_steps, self.min_lr_ratio)
+        return self._factor_for(step, self.total_steps, self.warmup_steps, self.min_lr_ratio)
 
     def set_total_steps(self, total_steps: int) -> None:
         """Fix the schedule's length once it is known, and re-apply the current factor."""
@@ -88,9 +92,78 @@ class WarmupCosineLR(LambdaLR):
         self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     def state_dict(self) -> dict:
-        # LambdaLR would try to pickle the bound method; our factor is fully described by these fields.
-        state = {k: v for k, v in self.__dict__.items() if k not in ("optimizer", "lr_lambdas")}
-        return state
+        # LambdaLR would try to pickle the bound method; our factor is fully described by these fields. The mixin's
+        # bookkeeping (`_lightning_adamw_*`) and the resume note are not part of the schedule.
+        return {
+            k: v
+            for k, v in self.__dict__.items()
+            if k not in ("optimizer", "lr_lambdas", "resume_note") and not k.startswith("_lightning_adamw")
+        }
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self.__dict__.update(state_dict)
+        """Restore the schedule's *progress* (``last_epoch``, ``_step_count``) and keep this instance's
+        configuration.
+
+        The new run's configuration wins on resume: ``base_lrs`` (the optimizer's current base learning rates),
+        ``warmup_steps``, ``min_lr_ratio`` and ``total_steps`` stay those of this instance; ``total_steps`` comes
+        from the checkpoint only when this instance has none. The factor at the restored step is re-applied to the
+        groups, so a longer resumed run follows the longer schedule from the step it reached (the same learning
+        rate the longer schedule has at that step). When anything differs from the checkpoint, :attr:`resume_note`
+        says so in one line (the mixin prints it); otherwise it is ``None``.
+        """
+        old_total = state_dict.get("total_steps")
+        old_bases = list(state_dict.get("base_lrs") or [])
+        old_warmup = state_dict.get("warmup_steps", self.warmup_steps)
+        old_ratio = state_dict.get("min_lr_ratio", self.min_lr_ratio)
+        last = int(state_dict.get("last_epoch", self.last_epoch))
+        old_factor = self._factor_for(last, old_total, old_warmup, old_ratio)
+        self.last_epoch = last
+        self._step_count = int(state_dict.get("_step_count", last + 1))
+        if self.total_steps is None and old_total is not None:
+            self.total_steps = int(old_total)
+        for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs, strict=False):
+            group["initial_lr"] = base_lr
+            group["lr"] = base_lr * self._factor(self.last_epoch)
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+        changes: list[str] = []
+        if old_total != self.total_steps:
+            longer = (
+                " (the resumed trainer is longer)"
+                if old_total is not None and self.total_steps is not None and self.total_steps > old_total
+                else " (the resumed trainer is shorter)"
+                if old_total is not None and self.total_steps is not None
+                else ""
+            )
+            changes.append(f"total_steps {old_total} -> {self.total_steps}{longer}")
+        if old_warmup != self.warmup_steps:
+            changes.append(f"warmup_steps {old_warmup} -> {self.warmup_steps}")
+        if float(old_ratio) != self.min_lr_ratio:
+            changes.append(f"min_lr_ratio {old_ratio:g} -> {self.min_lr_ratio:g}")
+        if old_bases and any(
+            not math.isclose(float(a), float(b), rel_tol=1e-12)
+            for a, b in zip(old_bases, self.base_lrs, strict=False)
+        ):
+            pairs = dict.fromkeys(  # one entry per distinct change (groups usually share their base lr)
+                f"{float(a):.6g} -> {float(b):.6g}" for a, b in zip(old_bases, self.base_lrs, strict=False)
+            )
+            changes.append(f"base lr {', '.join(pairs)}")
+        self.resume_note = None
+        if changes:
+            new_factor = self._factor(self.last_epoch)
+            keep = (
+                f"; give the schedule total_steps={old_total} to keep the old length"
+                if old_total is not None and old_total != self.total_steps
+                else ""
+            )
+            self.resume_note = (
+                f"WarmupCosineLR: {', '.join(changes)}; the learning rate follows the "
+                f"{self.total_steps or 'open-ended'}-step schedule from step {self.last_epoch} (lr factor "
+                f"{old_factor:.4g} -> {new_factor:.4g}){keep}"
+            )
+
+    @staticmethod
+    def _factor_for(step: int, total: int | None, warmup: int, ratio: float) -> float:
+        if total is None:  # not known yet: warm up, then hold
+            return min(1.0, (step + 1) / (warmup + 1))
+        return warmup_cosine_factor(step, warmup, max(int(total), warmup), float(ratio))

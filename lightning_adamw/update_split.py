@@ -15,7 +15,10 @@ with bias-corrected moments (the ``amsgrad`` maximum of :math:`v` where enabled)
 side except :math:`w_{old}` is still in the optimizer after the step (``exp_avg``, ``exp_avg_sq``, ``step``,
 ``lr``, ``weight_decay``), so the step is reconstructed exactly, without having copied any parameter:
 :math:`\eta u` is recomputed with the same operations torch used and
-:math:`w_{old} = (w_{new} + \eta u) / (1 - \eta\lambda)`.
+:math:`w_{old} = (w_{new} + \eta u) / (1 - \eta\lambda)`, to a relative error of about eps /
+:math:`|1 - \eta\lambda|` (eps of the parameters' dtype). Where that exceeds 1/64 (``lr * weight_decay`` at or
+within rounding of 1: the weights were multiplied by about 0) :math:`w_{old}` is not reconstructed and the
+metrics that need it are left out (:func:`w_old_reconstructible`, :attr:`GroupSplit.w_old_known`).
 
 Only a handful of per-tensor sums are needed, all on the parameters' device:
 
@@ -74,6 +77,7 @@ __all__ = [
     "ADAM_L2_LAYER_METRICS",
     "GENERIC_METRICS",
     "KIND_PREFIX",
+    "W_OLD_MAX_RELATIVE_ERROR",
     "GroupSplit",
     "Kind",
     "ShardReduce",
@@ -85,9 +89,12 @@ __all__ = [
     "generic_update_split",
     "group_kind",
     "group_label",
+    "group_labels",
+    "layer_labels",
     "param_labels",
     "take_snapshot",
     "update_split",
+    "w_old_reconstructible",
 ]
 
 Kind = Literal["adamw", "adam_l2", "generic"]
@@ -168,14 +175,57 @@ def group_label(group: Mapping[str, Any], index: int) -> str:
     return str(name) if name not in (None, "") else f"group{index}"
 
 
-def param_labels(group: Mapping[str, Any], index: int) -> list[str]:
-    """Names of a group's parameters: torch's ``"param_names"`` when present, else ``<group>.param{j}``."""
+def param_labels(group: Mapping[str, Any], index: int, label: str | None = None) -> list[str]:
+    """Names of a group's parameters: torch's ``"param_names"`` when present, else ``<group>.param{j}``
+    (``<group>`` is ``label`` when given, else :func:`group_label`)."""
     names = group.get("param_names")
     params = group["params"]
     if names is not None and len(names) == len(params):
         return [str(n) for n in names]
-    label = group_label(group, index)
+    label = group_label(group, index) if label is None else label
     return [f"{label}.param{j}" for j in range(len(params))]
+
+
+def group_labels(param_groups: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The labels of an optimizer's groups, unique within the optimizer.
+
+    Each group is :func:`group_label` (its ``"name"``, else ``group{i}``); a label that an earlier group already
+    has gets the first free suffix ``_1``, ``_2``, ... (two ``build_param_groups`` calls give ``decay``,
+    ``no_decay``, ``decay_1``, ``no_decay_1``). Metric keys ``<prefix>/<label>/<metric>`` therefore never merge
+    two groups.
+    """
+    return _unique_labels([group_label(g, i) for i, g in enumerate(param_groups)])
+
+
+def layer_labels(param_groups: Sequence[Mapping[str, Any]]) -> list[list[str]]:
+    """Per-tensor labels for the per-layer metric keys ``<prefix>_layer/<label>/<metric>``, one list per group.
+
+    A tensor's label is its name (:func:`param_labels`) when no other group of the optimizer has a tensor of that
+    name. A name found in more than one group (two ``build_param_groups`` calls on a backbone and a head both
+    name their first weight ``0.weight``) is qualified with the group's label from :func:`group_labels` in
+    *every* group that has it: ``backbone_decay/0.weight``, ``head_decay/0.weight`` (``decay/0.weight``,
+    ``decay_1/0.weight`` when the groups share their names too). A name repeated inside one group (groups
+    assembled by hand) gets the suffixes of :func:`group_labels`. The labels are unique within the optimizer.
+    """
+    groups = group_labels(param_groups)
+    names = [param_labels(g, i, label=groups[i]) for i, g in enumerate(param_groups)]
+    owners: dict[str, set[int]] = {}
+    for gi, group_names in enumerate(names):
+        for name in group_names:
+            owners.setdefault(name, set()).add(gi)
+    flat = _unique_labels(
+        [
+            f"{groups[gi]}/{name}" if len(owners[name]) > 1 else name
+            for gi, group_names in enumerate(names)
+            for name in group_names
+        ]
+    )
+    out: list[list[str]] = []
+    start = 0
+    for group_names in names:
+        out.append(flat[start : start + len(group_names)])
+        start += len(group_names)
+    return out
 
 
 def group_kind(group: Mapping[str, Any], adam_family: bool) -> Kind:
@@ -200,15 +250,21 @@ def _scalar(value: Any) -> float:
 
 
 def _unique_labels(labels: Sequence[str]) -> list[str]:
-    seen: dict[str, int] = {}
+    """The first occurrence of a label keeps it; a repeat gets the first suffix ``_k`` (k = 1, 2, ...) that is
+    neither another label of the list nor already given out (so ``[a, a, a_1]`` gives ``a, a_2, a_1``)."""
+    taken = set(labels)
+    first: set[str] = set()
     out = []
     for label in labels:
-        if label in seen:
-            seen[label] += 1
-            out.append(f"{label}_{seen[label]}")
-        else:
-            seen[label] = 0
+        if label not in first:
+            first.add(label)
             out.append(label)
+            continue
+        k = 1
+        while f"{label}_{k}" in taken:
+            k += 1
+        taken.add(f"{label}_{k}")
+        out.append(f"{label}_{k}")
     return out
 
 
@@ -218,11 +274,24 @@ def _unique_labels(labels: Sequence[str]) -> list[str]:
 class TensorSplit:
     """Metrics of one updated parameter tensor (values are plain floats, non-finite ones removed).
 
-    ``metrics`` is derived from the tensor's sums on first access: group-level logging never pays for the
-    per-tensor dictionaries.
+    ``name`` is the parameter's name, ``key`` its label in per-layer metric keys (:func:`layer_labels`: the name,
+    or ``<group>/<name>`` when several groups of the optimizer have a tensor of that name). ``metrics`` is
+    derived from the tensor's sums on first access: group-level logging never pays for the per-tensor
+    dictionaries.
     """
 
-    __slots__ = ("_hyper", "_metrics", "_rounding", "_sums", "finite", "group", "kind", "name", "numel")
+    __slots__ = (
+        "_hyper",
+        "_metrics",
+        "_rounding",
+        "_sums",
+        "finite",
+        "group",
+        "key",
+        "kind",
+        "name",
+        "numel",
+    )
 
     def __init__(
         self,
@@ -238,8 +307,10 @@ class TensorSplit:
         weight_decay: float = 0.0,
         beta1: float = 0.0,
         rounding: float = 0.0,
+        key: str | None = None,
     ) -> None:
         self.name = name
+        self.key = name if key is None else key
         self.group = group
         self.kind: Kind = kind
         self.numel = numel
@@ -288,6 +359,9 @@ class GroupSplit:
     #: per-tensor results (a lazy sequence from :func:`update_split`: built when first read)
     tensors: Sequence[TensorSplit] = field(default_factory=list)
     finite: bool = True
+    #: ``False`` when the weights before the step could not be reconstructed (``lr * weight_decay`` at or too
+    #: close to 1, see :func:`w_old_reconstructible`): the metrics that need them are then left out
+    w_old_known: bool = True
 
     @property
     def prefix(self) -> str:
@@ -304,6 +378,7 @@ class _TensorSplits(Sequence[TensorSplit]):
         # the work's scalars change at the next step (cached plans): keep this step's values
         self._args = (work.label, work.kind, work.lr, work.weight_decay, work.beta1)
         self._names = [work.names[i] for i in positions]
+        self._keys = [work.keys[i] for i in positions]
         self._rounding = [work.rounding[i] for i in positions]
         self._sums = sums
         self._finite = finite
@@ -324,9 +399,10 @@ class _TensorSplits(Sequence[TensorSplit]):
                     weight_decay=wd,
                     beta1=beta1,
                     rounding=rounding,
+                    key=key,
                 )
-                for name, sums, finite, rounding in zip(
-                    self._names, self._sums, self._finite, self._rounding, strict=True
+                for name, key, sums, finite, rounding in zip(
+                    self._names, self._keys, self._sums, self._finite, self._rounding, strict=True
                 )
             ]
         return self._items
@@ -340,14 +416,14 @@ class _TensorSplits(Sequence[TensorSplit]):
     def __iter__(self) -> Iterator[TensorSplit]:
         return iter(self._made())
 
-    def nonfinite_names(self) -> list[str]:
-        return [n for n, f in zip(self._names, self._finite, strict=True) if not f]
+    def nonfinite_keys(self) -> list[str]:
+        return [k for k, f in zip(self._keys, self._finite, strict=True) if not f]
 
 
-def _nonfinite_names(group: GroupSplit) -> list[str]:
+def _nonfinite_keys(group: GroupSplit) -> list[str]:
     if isinstance(group.tensors, _TensorSplits):  # without making every TensorSplit
-        return group.tensors.nonfinite_names()
-    return [t.name for t in group.tensors if not t.finite]
+        return group.tensors.nonfinite_keys()
+    return [t.key for t in group.tensors if not t.finite]
 
 
 @dataclass
@@ -360,13 +436,20 @@ class UpdateSplit:
 
     @property
     def nonfinite_tensors(self) -> list[str]:
-        """Names of tensors whose weights or update were NaN/inf."""
-        return [name for g in self.groups for name in _nonfinite_names(g)]
+        """Per-layer labels (:func:`layer_labels`) of tensors whose weights or update were NaN/inf."""
+        return [key for g in self.groups for key in _nonfinite_keys(g)]
+
+    @property
+    def w_old_unknown(self) -> list[GroupSplit]:
+        """Groups whose weights before the step could not be reconstructed (see :func:`w_old_reconstructible`)."""
+        return [g for g in self.groups if not g.w_old_known]
 
     def metrics(self, per_layer: bool = False, label_prefix: str = "") -> dict[str, float]:
         """Flat ``{"<prefix>/<group>/<metric>": value}`` dict; per-layer keys under ``<prefix>_layer/<param>/``.
 
-        ``label_prefix`` is prepended to group and parameter names (used to keep several optimizers apart).
+        ``<group>`` is the group's unique label (:func:`group_labels`), ``<param>`` the tensor's unique label
+        (:func:`layer_labels`: its name, or ``<group>/<name>`` when several groups have a tensor of that name).
+        ``label_prefix`` is prepended to both (used to keep several optimizers apart: ``opt0.``, ``opt1.``).
         Non-finite values never appear (they are counted in :attr:`nonfinite_tensors` instead).
         """
         if self.skipped:
@@ -379,7 +462,7 @@ class UpdateSplit:
             if per_layer:
                 layer = f"{prefix}_layer/{label_prefix}"
                 for t in g.tensors:
-                    base = f"{layer}{t.name}/"
+                    base = f"{layer}{t.key}/"
                     out.update({base + key: value for key, value in t.metrics.items()})
         return out
 
@@ -445,6 +528,32 @@ def _angle(n: float, b: float, e: float) -> float:
     return math.atan2(perp, root_n + e / root_n)
 
 
+#: Largest relative error of the reconstructed :math:`w_{old}` for which the metrics that need it are logged
+#: (see :func:`w_old_reconstructible`).
+W_OLD_MAX_RELATIVE_ERROR = 2.0**-6
+_FLOAT64_EPS = float(torch.finfo(torch.float64).eps)
+
+
+def w_old_reconstructible(lr: float, weight_decay: float, rounding: float) -> bool:
+    r"""Whether :math:`w_{old} = (w_{new} + \eta u) / (1 - \eta\lambda)` can be recovered after an AdamW step.
+
+    AdamW stored :math:`w_{new}` rounded to the parameters' precision, an error relative to :math:`|w_{new}|` (and
+    fused kernels round :math:`\eta\lambda w_{old}`, relative to :math:`|w_{old}|`, before subtracting it); the
+    division by :math:`1 - \eta\lambda` turns that into a relative error of :math:`w_{old}` of about
+    ``rounding`` / :math:`|1 - \eta\lambda|` (``rounding``: the machine epsilon of the parameters' dtype,
+    2^-23 for float32, 2^-7 for bfloat16). At :math:`\eta\lambda = 1` the weights were multiplied by 0 and
+    :math:`w_{old}` is gone. Reconstructible means: that error is at most :data:`W_OLD_MAX_RELATIVE_ERROR`
+    (2^-6, 1.6 %), i.e. :math:`|1 - \eta\lambda| \ge 64\,` ``rounding`` (float32: 7.6e-6; bfloat16: 0.5).
+
+    Args:
+        lr: the group's learning rate :math:`\eta` of the step.
+        weight_decay: the group's :math:`\lambda`.
+        rounding: machine epsilon of the parameters (0 is read as float64's).
+    """
+    q = abs(1.0 - lr * weight_decay)
+    return q > 0.0 and max(rounding, _FLOAT64_EPS) <= W_OLD_MAX_RELATIVE_ERROR * q
+
+
 def derive_metrics(
     kind: Kind,
     sums: Sequence[float],
@@ -461,34 +570,48 @@ def derive_metrics(
     ``sums`` holds ``N, B, E, S, G, F, numel, count``. For ``"adamw"``: :math:`c = 1/(1-\eta\lambda)`,
     :math:`\|w_{old}\|^2 = c^2 S`, :math:`\langle w_{old}, \eta u\rangle = c(E + B)`.
 
-    ``rounding`` is the machine epsilon of the parameters: a reconstructed :math:`w_{old}` below the rounding
-    noise of :math:`w_{new} + \eta u` is exactly zero (a zero-initialised bias before its first step), and the
-    ratios to it are undefined rather than huge.
+    ``rounding`` is the machine epsilon of the parameters. A reconstructed :math:`w_{old}` below the rounding
+    noise of :math:`w_{new} + \eta u` (:math:`8\,` ``rounding`` :math:`(\|w_{new}\| + \|\eta u\|)`) is exactly
+    zero (a zero-initialised bias before its first step), and the ratios to it are undefined rather than huge;
+    that holds while :math:`|1-\eta\lambda| \ge 1/2` (dividing by it at most doubles the noise). Where
+    :math:`w_{old}` cannot be reconstructed (:func:`w_old_reconstructible` is false, or :math:`w_{new} + \eta u`
+    is below the noise with :math:`|1-\eta\lambda| < 1/2`), every metric that needs it is NaN: ``decay_norm``,
+    ``decay_to_grad_ratio``, ``update_norm``, ``update_to_weight``, ``cos_grad_update_weight``,
+    ``angular_update``; ``grad_update_norm``, ``weight_norm`` and the hyperparameter-only metrics stay.
     """
     n, b, e, s, g, f, numel = (float(v) for v in sums[:7])
     nan = math.nan
     out: dict[str, float] = {}
     root_n = _sqrt(n)
     root_b = _sqrt(b)
-    if _sqrt(s) <= 8.0 * rounding * (root_n + root_b):
-        s = 0.0
+    below_noise = _sqrt(s) <= 8.0 * rounding * (root_n + root_b)
     if kind == "adamw":
         lr_wd = lr * weight_decay
-        c = 1.0 / (1.0 - lr_wd) if lr_wd != 1.0 else nan
-        a = c * c * s  # |w_old|^2
-        d = c * (e + b) if s > 0.0 else 0.0  # <w_old, lr*u>
-        root_a = _sqrt(a)
-        decay = lr_wd * root_a
-        update = _sqrt(lr_wd * lr_wd * a + 2.0 * lr_wd * d + b)
-        out["decay_norm"] = decay
+        q = 1.0 - lr_wd  # the factor AdamW multiplied the weights by
+        known = w_old_reconstructible(lr, weight_decay, rounding)
+        if below_noise:
+            if abs(q) >= 0.5:
+                s = 0.0
+            else:  # w_old = (noise) / q: not known to be small
+                known = False
         out["grad_update_norm"] = root_b
-        out["decay_to_grad_ratio"] = decay / root_b if root_b > 0 else nan
-        out["update_norm"] = update
         out["weight_norm"] = root_n
-        out["update_to_weight"] = update / root_a if root_a > 0 else nan
-        # cosine between the gradient update (-lr*u) and the weight it was applied to (w_old)
-        out["cos_grad_update_weight"] = -d / (root_a * root_b) if root_a > 0 and root_b > 0 else nan
-        out["angular_update"] = _angle(n, b, e) if root_a > 0 else nan
+        if known:
+            c = 1.0 / q
+            a = c * c * s  # |w_old|^2
+            d = c * (e + b) if s > 0.0 else 0.0  # <w_old, lr*u>
+            root_a = _sqrt(a)
+            decay = abs(lr_wd) * root_a
+            update = _sqrt(lr_wd * lr_wd * a + 2.0 * lr_wd * d + b)
+            out["decay_norm"] = decay
+            out["decay_to_grad_ratio"] = decay / root_b if root_b > 0 else nan
+            out["update_norm"] = update
+            out["update_to_weight"] = update / root_a if root_a > 0 else nan
+            # cosine between the gradient update (-lr*u) and the weight it was applied to (w_old)
+            out["cos_grad_update_weight"] = -d / (root_a * root_b) if root_a > 0 and root_b > 0 else nan
+            # w_new + lr*u = q * w_old points along w_old, or against it when q < 0 (lr * wd > 1)
+            angle = _angle(n, b, e) if root_a > 0 else nan
+            out["angular_update"] = math.pi - angle if q < 0.0 else angle
         if group_level:
             # the decay rate AdamW applies to every coordinate (Adam + L2 groups report their spread around it)
             out["uniform_decay_rate"] = lr_wd
@@ -506,6 +629,7 @@ def derive_metrics(
                     out["ema_timescale_epochs"] = 1.0 / (lr_wd * steps_per_epoch)
     elif kind == "adam_l2":
         # Coupled L2: w_new = w_old - lr*u with the L2 term inside u, so w_old = w_new + b.
+        s = 0.0 if below_noise else s
         a = s
         root_a = _sqrt(a)
         l2 = weight_decay * root_a
@@ -518,7 +642,7 @@ def derive_metrics(
         if group_level:
             out["uniform_decay_rate"] = lr * weight_decay
     else:
-        root_a = _sqrt(s)
+        root_a = 0.0 if below_noise else _sqrt(s)
         out["update_norm"] = root_b
         out["weight_norm"] = root_n
         out["update_to_weight"] = root_b / root_a if root_a > 0 else nan
@@ -596,6 +720,8 @@ class _GroupWork:
     device_scalars: tuple[Tensor, Tensor] | None = None
     #: the optimizer state of each item (its ``step`` is read again at every call)
     states: list[Mapping[str, Any]] = field(default_factory=list)
+    #: per-layer labels of the group's tensors (:func:`layer_labels`)
+    keys: list[str] = field(default_factory=list)
 
 
 def _bias_scalars(
@@ -954,7 +1080,8 @@ def _build_works(
 ) -> tuple[list[_GroupWork], int]:
     """Which tensors take part, with their rows and names; the per-step scalars come from :func:`_set_scalars`."""
     works: list[_GroupWork] = []
-    labels = _unique_labels([group_label(g, i) for i, g in enumerate(param_groups)])
+    labels = group_labels(param_groups)
+    keys = layer_labels(param_groups)
     row = 0
     coupled = 0
     for gi, group in enumerate(param_groups):
@@ -969,9 +1096,10 @@ def _build_works(
             eps=0.0,
             maximize=False,
             rows=[],
-            names=param_labels(group, gi),
+            names=param_labels(group, gi, label=labels[gi]),
             numels=[],
             items=[],
+            keys=keys[gi],
         )
         if kind == "adam_l2":
             work.coupled_index = coupled
@@ -1468,6 +1596,7 @@ def _split_from_groups(
         tensors = _TensorSplits(w, live_pos, live, finite_flags)
         totals = [sum(column) for column in zip(*live, strict=True)]
         metrics: dict[str, float] = {}
+        w_old_known = True
         if group_finite:
             raw = derive_metrics(
                 w.kind,
@@ -1490,6 +1619,8 @@ def _split_from_groups(
                     raw["eff_decay_rate_median"] = lr_wd / dmed[ci]
                 group_finite = all(math.isfinite(x) for x in (dmin[ci], dmax[ci], dmed[ci]))
             metrics = {k: v for k, v in raw.items() if math.isfinite(v)} if group_finite else {}
+            # (decay_norm is finite whenever w_old was reconstructed, and left out only when it was not)
+            w_old_known = w.kind != "adamw" or not group_finite or "decay_norm" in raw
         groups.append(
             GroupSplit(
                 name=w.label,
@@ -1501,6 +1632,7 @@ def _split_from_groups(
                 metrics=metrics,
                 tensors=tensors,
                 finite=group_finite,
+                w_old_known=w_old_known,
             )
         )
     return UpdateSplit(groups=groups)

@@ -18,7 +18,8 @@ import torch
 import yaml
 from lightning.pytorch.strategies import FSDPStrategy
 
-from lightning_adamw.cli import AdamWCLI, _uses_wandb, main
+from lightning_adamw.cli import AdamWCLI, main
+from lightning_adamw.cli.app import _uses_wandb
 from lightning_adamw.schedules import WarmupCosineLR, warmup_cosine_factor
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -288,16 +288,13 @@ def test_order_is_deterministic_and_checkpoints_reload() -> None:
 # ----------------------------------------------------------------------------------------------- wrappers
 
 
-def test_clean_names_for_compile_ddp_and_fsdp_prefixes() -> None:
-    assert clean_param_name("_orig_mod.fc.weight") == "fc.weight"
-    assert clean_param_name("module.fc.weight") == "fc.weight"
-    assert (
-        clean_param_name("model._fsdp_wrapped_module.layers.0._fsdp_wrapped_module.w") == "model.layers.0.w"
-    )
-    assert clean_param_name("a._checkpoint_wrapped_module.b") == "a.b"
-    assert (
-        clean_param_name("encoder.module.fc.weight") == "encoder.module.fc.weight"
-    )  # only a leading module.
+def test_deprecated_string_only_clean_param_name_still_works_and_warns() -> None:
+    with pytest.warns(DeprecationWarning, match="parameter_names"):
+        assert clean_param_name("_orig_mod.fc.weight") == "fc.weight"
+    with pytest.warns(DeprecationWarning):
+        assert clean_param_name("module.fc.weight") == "fc.weight"
+    with pytest.warns(DeprecationWarning):
+        assert clean_param_name("a._checkpoint_wrapped_module.b") == "a.b"
 
 
 def test_compiled_module_gives_original_names_and_hooks() -> None:
@@ -310,15 +307,21 @@ def test_compiled_module_gives_original_names_and_hooks() -> None:
     assert reasons(compiled) == reasons(model)
 
 
-def test_wrapped_module_names_like_ddp() -> None:
-    class Wrapper(nn.Module):  # DDP and DataParallel keep the model as `.module`
+def test_plain_attribute_called_module_keeps_its_name_and_real_data_parallel_is_unwrapped() -> None:
+    class Holder(nn.Module):  # looks like DDP's layout, but is a user's module: names stay as printed
         def __init__(self, module: nn.Module) -> None:
             super().__init__()
             self.module = module
 
     model = Net()
-    assert reasons(Wrapper(model)) == reasons(model)
-    assert reasons(Wrapper(model), no_decay_patterns="gate")["gate"] == (NO_DECAY, "pattern:gate")
+    held = reasons(Holder(model))
+    assert held == {f"module.{n}": r for n, r in reasons(model).items()}
+    assert reasons(Holder(model), no_decay_patterns="module.gate")["module.gate"] == (
+        NO_DECAY,
+        "pattern:module.gate",
+    )
+    assert reasons(nn.DataParallel(model)) == reasons(model)
+    assert reasons(nn.DataParallel(model), no_decay_patterns="gate")["gate"] == (NO_DECAY, "pattern:gate")
 
 
 def test_ddp_wrapped_module(tmp_path) -> None:

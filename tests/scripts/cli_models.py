@@ -1,4 +1,4 @@
-"""Tiny LightningModules the distributed CLI tests select with ``--model``."""
+"""Tiny LightningModules and DataModules the CLI tests select with ``--model`` / ``--data``."""
 
 from __future__ import annotations
 
@@ -14,7 +14,16 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_adamw import DecoupledWeightDecayMixin
 from lightning_adamw.demo import DigitsClassifier
 
-__all__ = ["FailingDigitsClassifier", "TinyTokenClassifier"]
+__all__ = [
+    "FailingDigitsClassifier",
+    "InitDictRegressor",
+    "OwnOptimizerRegressor",
+    "PlainRegressor",
+    "RegressionData",
+    "SlowDigitsClassifier",
+    "TinyTokenClassifier",
+    "UserRegressor",
+]
 
 
 class FailingDigitsClassifier(DigitsClassifier):
@@ -82,3 +91,99 @@ class TinyTokenClassifier(DecoupledWeightDecayMixin, L.LightningModule):
         g = torch.Generator().manual_seed(0)
         tokens = torch.randint(0, self.hparams.vocab, (64, 5), generator=g)
         return DataLoader(TensorDataset(tokens, tokens[:, 0] % 2), batch_size=16)
+
+
+# ------------------------------------------------------------------------------ for the CLI rule tests
+
+
+class RegressionData(L.LightningDataModule):
+    """A user's data module with its own default batch size (16), on 64 random regression rows."""
+
+    def __init__(self, batch_size: int = 16) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+
+    def _loader(self, seed: int) -> DataLoader:
+        from tests.lit_models import regression_data
+
+        return DataLoader(regression_data(seed=seed), batch_size=self.hparams.batch_size)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(0)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(1)
+
+
+class UserRegressor(DecoupledWeightDecayMixin, L.LightningModule):
+    """A user's model whose defaults all differ from the built-in DigitsClassifier's (lr 3e-3, decay 0.05...)."""
+
+    def __init__(
+        self,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        lr_schedule: str = "constant",
+        warmup_steps: int = 0,
+        hidden: int = 16,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.body = nn.Sequential(nn.Linear(6, hidden), nn.LayerNorm(hidden), nn.Linear(hidden, 1))
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return F.mse_loss(self.body(x), y)
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        self.log("val_loss", F.mse_loss(self.body(x), y))
+
+
+class OwnOptimizerRegressor(UserRegressor):
+    """The README's "keep full control" recipe: its own configure_optimizers over the mixin's groups."""
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.decoupled_param_groups(), lr=3e-4, betas=(0.9, 0.95))
+
+
+class InitDictRegressor(UserRegressor):
+    """Lightning's documented pattern for linked optimizer options: the model gets the optimizer's
+    ``{class_path, init_args}`` (``parser.add_optimizer_args(..., link_to="model.optimizer_init")``) and builds
+    it in its own configure_optimizers, here over the mixin's groups."""
+
+    def __init__(self, optimizer_init: dict | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.optimizer_init = optimizer_init
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        from lightning.pytorch.cli import instantiate_class
+
+        return instantiate_class(self.decoupled_param_groups(weight_decay=None), self.optimizer_init)
+
+
+class PlainRegressor(L.LightningModule):
+    """A module without the mixin (stock LightningCLI rules apply to it), with its own data."""
+
+    def __init__(self, batch_size: int = 16) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.body = nn.Sequential(nn.Linear(6, 16), nn.LayerNorm(16), nn.Linear(16, 1))
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return F.mse_loss(self.body(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+    def train_dataloader(self) -> DataLoader:
+        from tests.lit_models import regression_data
+
+        return DataLoader(regression_data(), batch_size=self.hparams.batch_size)
+
+
+class SlowDigitsClassifier(DigitsClassifier):
+    """A subclass of the built-in model with defaults of its own (lr 1e-4, 5 warm-up steps)."""
+
+    def __init__(self, lr: float = 1e-4, warmup_steps: int = 5, **kwargs: Any) -> None:
+        super().__init__(lr=lr, warmup_steps=warmup_steps, **kwargs)

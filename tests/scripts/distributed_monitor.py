@@ -6,7 +6,8 @@ Launched by ``tests/test_monitor_ddp.py`` (and ``tests/test_monitor_fsdp.py`` on
 
 Lightning re-executes this file for the other ranks. Each rank writes ``DIR/rank<r>.json`` with the monitor's
 calls to the loggers made on that rank, its last metrics and history, and (rank 0) float64 reference metrics
-recomputed from snapshots of the full parameters taken around every optimizer step.
+recomputed from snapshots of the full parameters taken around every optimizer step, with the derived error
+bound of each (``tests/helpers/monitor_bounds.py``).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from tests.scripts.monitor_common import (  # noqa: E402
     RecordingLogger,
     StepRecorder,
     make_data,
+    reference_bounds,
     reference_metrics,
 )
 
@@ -125,6 +127,7 @@ def main() -> None:
     }
     if rank == 0:
         result["reference"] = {str(r["step"]): reference_metrics(r) for r in recorder.records}
+        result["bounds"] = {str(r["step"]): reference_bounds(r) for r in recorder.records}
     (out / f"rank{rank}.json").write_text(json.dumps(result))
 
 

@@ -6,7 +6,9 @@
   only rank zero logged).
 * :class:`StepRecorder`: snapshots the weights right before and right after every real ``optimizer.step()``
   (optimizer step pre/post hooks), the ground truth the monitor is compared against.
-* :func:`reference_metrics`: the monitor's metrics recomputed in float64 from those snapshots.
+* :func:`reference_metrics`: the monitor's metrics recomputed in float64 from those snapshots, and
+  :func:`reference_bounds`: how far the monitor's numbers may be from them (derived error bounds,
+  :mod:`tests.helpers.monitor_bounds`), which :func:`compare_metrics` checks.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_adamw.param_groups import build_param_groups
+from tests.helpers.monitor_bounds import metric_bounds, tensor_norms
 
 METRICS_BY_KIND: dict[str, tuple[str, ...]] = {
     "adamw": (
@@ -44,8 +47,6 @@ METRICS_BY_KIND: dict[str, tuple[str, ...]] = {
     "adam_l2": ("l2_grad_share", "update_norm", "weight_norm", "update_to_weight", "angular_update"),
     "optim": ("update_norm", "weight_norm", "update_to_weight", "angular_update"),
 }
-# Metrics that are cosines (compared with an absolute tolerance: they can be close to zero).
-COSINES = ("cos_grad_update_weight",)
 
 
 def make_data(n: int = 64, dim: int = 8, classes: int = 4, seed: int = 0) -> TensorDataset:
@@ -202,6 +203,9 @@ class StepRecorder(Callback):
                         "maximize": bool(g.get("maximize", False)),
                         "decoupled": bool(g.get("decoupled_weight_decay", False)),
                         "names": _names(g, i),
+                        "named": g.get("param_names") is not None
+                        and len(g["param_names"]) == len(g["params"]),
+                        "dtypes": [str(p.dtype) for p in g["params"]],
                         "old": [self._value(p) for p in g["params"]],
                     }
                     for i, g in enumerate(opt.param_groups)
@@ -286,12 +290,50 @@ def record_kind(group: dict[str, Any], adam_family: bool) -> str:
     return "adam_l2"
 
 
+def _unique(labels: list[str]) -> list[str]:
+    taken, seen, out = set(labels), set(), []
+    for label in labels:
+        if label in seen:
+            k = 1
+            while f"{label}_{k}" in taken:
+                k += 1
+            label = f"{label}_{k}"
+            taken.add(label)
+        seen.add(label)
+        out.append(label)
+    return out
+
+
+def metric_labels(record: dict[str, Any]) -> list[tuple[str, list[str]]]:
+    """``(group label, per-tensor labels)`` of each recorded group, by the rule the monitor documents: group
+    names made unique with ``_1``, ``_2``, ...; a tensor keeps its name unless another group has a tensor of
+    that name, then it is ``<group label>/<name>`` (unnamed tensors are ``<group label>.param<j>``)."""
+    groups = record["groups"]
+    labels = _unique([g["label"] for g in groups])
+    names = [
+        list(g["names"]) if g.get("named", True) else [f"{label}.param{j}" for j in range(len(g["names"]))]
+        for g, label in zip(groups, labels, strict=True)
+    ]
+    owners: dict[str, set[int]] = {}
+    for gi, group_names in enumerate(names):
+        for n in group_names:
+            owners.setdefault(n, set()).add(gi)
+    flat = _unique(
+        [f"{labels[gi]}/{n}" if len(owners[n]) > 1 else n for gi, ns in enumerate(names) for n in ns]
+    )
+    out, start = [], 0
+    for label, group_names in zip(labels, names, strict=True):
+        out.append((label, flat[start : start + len(group_names)]))
+        start += len(group_names)
+    return out
+
+
 def reference_metrics(
     record: dict[str, Any], adam_family: bool = True, per_layer: bool = True
 ) -> dict[str, float]:
     """The monitor's group (and per-layer) metrics of one recorded step, recomputed from the snapshots."""
     out: dict[str, float] = {}
-    for g in record["groups"]:
+    for g, (label, keys) in zip(record["groups"], metric_labels(record), strict=True):
         kind = record_kind(g, adam_family)
         updated = [
             i
@@ -311,39 +353,70 @@ def reference_metrics(
             g["maximize"],
         )
         for key, value in ref.items():
-            out[f"{kind}/{g['label']}/{key}"] = value
+            out[f"{kind}/{label}/{key}"] = value
         if per_layer:
             for i in updated:
                 ref = _reference(
                     kind, g["old"][i], g["new"][i], g["grad"][i], g["lr"], g["weight_decay"], g["maximize"]
                 )
                 for key, value in ref.items():
-                    out[f"{kind}_layer/{g['names'][i]}/{key}"] = value
+                    out[f"{kind}_layer/{keys[i]}/{key}"] = value
+    return out
+
+
+def _dtype(name: str) -> torch.dtype:
+    return getattr(torch, name.split(".")[-1])
+
+
+def reference_bounds(
+    record: dict[str, Any], adam_family: bool = True, per_layer: bool = True, eta_rel: float = 0.0
+) -> dict[str, float]:
+    """For every key of :func:`reference_metrics`, the largest difference the monitor's value may have from it
+    (absolute; derived from the arithmetic, see :mod:`tests.helpers.monitor_bounds`). Parameters are taken as
+    float32 where the record does not say (``"dtypes"``). ``eta_rel``: a further relative error of the
+    monitor's ``lr*u`` (e.g. float32 bias corrections replayed against float64 ones)."""
+    expected = reference_metrics(record, adam_family=adam_family, per_layer=per_layer)
+    out: dict[str, float] = {}
+    for g, (label, keys) in zip(record["groups"], metric_labels(record), strict=True):
+        kind = record_kind(g, adam_family)
+        q = 1.0 - g["lr"] * g["weight_decay"] if kind == "adamw" else 1.0
+        dtypes = [_dtype(d) for d in g.get("dtypes", ["float32"] * len(g["old"]))]
+        norms = {
+            i: tensor_norms(g["old"][i], g["new"][i], g["grad"][i], q, dtypes[i])
+            for i, (o, gr) in enumerate(zip(g["old"], g["grad"], strict=True))
+            if gr is not None and o.numel() > 0
+        }
+        if not norms:
+            continue
+
+        prefixes = [(f"{kind}/{label}/", list(norms.values()))]
+        if per_layer:
+            prefixes += [(f"{kind}_layer/{keys[i]}/", [t]) for i, t in norms.items()]
+        for prefix, tensors in prefixes:
+            metrics = {k[len(prefix) :]: v for k, v in expected.items() if k.startswith(prefix)}
+            found = metric_bounds(
+                kind, tensors, lr=g["lr"], weight_decay=g["weight_decay"], expected=metrics, eta_rel=eta_rel
+            )
+            out.update({prefix + name: bound for name, bound in found.items()})
     return out
 
 
 def compare_metrics(
-    actual: dict[str, float], expected: dict[str, float], rtol: float, cos_atol: float | None = None
-) -> dict[str, float]:
-    """Largest errors per key (relative, absolute for cosines) that exceed the tolerance; {} when all pass."""
-    bad: dict[str, float] = {}
+    actual: dict[str, float], expected: dict[str, float], bounds: dict[str, float]
+) -> dict[str, tuple[float, float, float]]:
+    """``{key: (got, expected, bound)}`` for every expected key the monitor missed or got farther than its
+    derived bound (:func:`reference_bounds`) from the float64 reference; ``{}`` when all pass. An undefined
+    reference (NaN, e.g. a ratio to a zero-initialised weight) must be left out by the monitor."""
+    bad: dict[str, tuple[float, float, float]] = {}
     for key, want in expected.items():
-        if not math.isfinite(want):  # undefined (e.g. a ratio to a zero-initialised weight): must be left out
+        got = actual.get(key, math.nan)
+        bound = bounds.get(key, math.nan)
+        if not math.isfinite(want):  # undefined: must be left out
             if key in actual:
-                bad[key] = math.inf
+                bad[key] = (got, want, bound)
             continue
-        if key not in actual:
-            bad[key] = math.inf
-            continue
-        got = actual[key]
-        if key.endswith(COSINES):
-            err = abs(got - want)
-            if err > (cos_atol if cos_atol is not None else rtol):
-                bad[key] = err
-        else:
-            err = abs(got - want) / max(abs(want), 1e-300) if want != 0 else abs(got)
-            if err > rtol:
-                bad[key] = err
+        if not abs(got - want) <= bound:  # (also fails for a missing key or a missing bound)
+            bad[key] = (got, want, bound)
     return bad
 
 
@@ -397,7 +470,9 @@ def run_distributed_script(
     import pytest
 
     out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    # One thread per rank (Lightning would pick cores / ranks): the matrix products then add in the order a
+    # one-thread process uses, so a test can reproduce a rank's arithmetic bit for bit in one process.
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     env.pop("MASTER_PORT", None)  # let Lightning pick a free port
     proc = subprocess.Popen(
         [sys.executable, str(DISTRIBUTED_SCRIPT), "--out", str(out), *args],

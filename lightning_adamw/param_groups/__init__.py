@@ -1,0 +1,89 @@
+"""Decay / no-decay parameter groups for decoupled weight decay (AdamW).
+
+Pure torch, no Lightning import: everything here takes an ``nn.Module`` and returns plain data, so it can be
+tested directly and used from any training loop. Stages, one module each: :mod:`.names` (names from the module
+tree, wrappers left out), :mod:`.rules` (what a tensor is), :mod:`.classify` (one decision per tensor),
+:mod:`.groups` (optimizer groups), :mod:`.report` (the table).
+
+The rules, in the order they are tried for each parameter (the first that matches wins):
+
+1. ``decay_patterns``      -> decay     (user override, forced decay)
+2. ``no_decay_patterns``   -> no_decay  (user override)
+3. model-declared          -> no_decay  (names the model lists in ``no_weight_decay()`` / substrings from
+   ``no_weight_decay_keywords()``, the timm convention; then tensors flagged ``param._no_weight_decay = True``
+   (Mamba) or ``param._optim = {"weight_decay": 0.0, ...}``)
+4. normalization module    -> no_decay  (torch's norm types, ``extra_norm_types``, or a class name that
+   matches ``norm_class_pattern``; only parameters the norm module owns directly)
+5. bias                    -> no_decay  (``bias`` / ``biases`` is a word of the leaf name: ``bias``,
+   ``in_proj_bias``, ``bias_k``, ``relative_position_bias_table``, ``attention_biases``; and embedding tables
+   held under a bias name, T5's ``relative_attention_bias``)
+6. embedding               -> decay, or no_decay with ``exclude_embeddings=True`` (``nn.Embedding`` /
+   ``nn.EmbeddingBag`` weights, and tensors whose leaf name says they are embeddings or learned tokens,
+   ``pos_embed``, ``cls_token``, ``register_tokens``)
+7. vector-shaped           -> no_decay  (``ndim <= 1``: reason ``1-D``; at most one dimension larger than 1 and
+   not the weight of a Linear/Conv/Embedding-like layer, e.g. GRN's (1, 1, 1, C) gain: reason ``vector-shaped``)
+8. everything else         -> decay
+
+A pattern that matches no parameter is an error (a typo must not pass silently), and a parameter that a
+forced-decay and a no-decay pattern both match is an error naming it.
+"""
+
+from __future__ import annotations
+
+# Internals of the former single-file module, kept importable from here (``x as x`` marks a re-export).
+from lightning_adamw.param_groups.classify import _attached_wrapper as _attached_wrapper
+from lightning_adamw.param_groups.classify import _is_flat_parameter as _is_flat_parameter
+from lightning_adamw.param_groups.classify import classify_parameters, fsdp_original_shapes
+from lightning_adamw.param_groups.depth import BLOCK_CONTAINERS, DepthPlan, find_depths, matcher_layer_ids
+from lightning_adamw.param_groups.groups import (
+    apply_lr_scales,
+    build_param_groups,
+    check_lr_scales,
+    check_unique_group_names,
+    group_hparams,
+    group_sizes,
+    group_weight_decay,
+    groups_from_decisions,
+)
+from lightning_adamw.param_groups.names import WRAPPER_PREFIXES, clean_param_name, parameter_names
+from lightning_adamw.param_groups.overrides import GroupOverride, check_group_overrides
+from lightning_adamw.param_groups.report import describe_param_groups
+from lightning_adamw.param_groups.rules import (
+    DECAY,
+    DEFAULT_MATRIX_CLASS_PATTERN,
+    DEFAULT_NORM_CLASS_PATTERN,
+    MATRIX_TYPES,
+    NO_DECAY,
+    NORM_TYPES,
+    ParamDecision,
+)
+
+__all__ = [
+    "BLOCK_CONTAINERS",
+    "DECAY",
+    "DEFAULT_MATRIX_CLASS_PATTERN",
+    "DEFAULT_NORM_CLASS_PATTERN",
+    "MATRIX_TYPES",
+    "NORM_TYPES",
+    "NO_DECAY",
+    "WRAPPER_PREFIXES",
+    "DepthPlan",
+    "GroupOverride",
+    "ParamDecision",
+    "apply_lr_scales",
+    "build_param_groups",
+    "check_group_overrides",
+    "check_lr_scales",
+    "check_unique_group_names",
+    "classify_parameters",
+    "clean_param_name",
+    "describe_param_groups",
+    "find_depths",
+    "fsdp_original_shapes",
+    "group_hparams",
+    "group_sizes",
+    "group_weight_decay",
+    "groups_from_decisions",
+    "matcher_layer_ids",
+    "parameter_names",
+]
