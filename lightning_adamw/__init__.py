@@ -3,7 +3,9 @@
 Public API:
 
 - :func:`build_param_groups` / :func:`classify_parameters` / :func:`describe_param_groups`: pure functions that
-  split any ``nn.Module`` into ``"decay"`` and ``"no_decay"`` optimizer groups and explain why.
+  split any ``nn.Module`` into ``"decay"`` and ``"no_decay"`` optimizer groups (optionally further by layer depth
+  and overrides) and explain why; :func:`apply_lr_scales` and :func:`check_unique_group_names` for optimizers built
+  from them.
 - :mod:`lightning_adamw.update_split` (``update_split.update_split``, :func:`adamw_update_split`): pure functions that split an optimizer step, right after
   ``optimizer.step()``, into its decoupled-decay part and its gradient part.
 - :class:`DecoupledWeightDecayMixin`: a LightningModule mixin whose ``configure_optimizers`` builds the groups.
@@ -28,7 +30,9 @@ from lightning_adamw.param_groups import (
     DEFAULT_NORM_CLASS_PATTERN,
     NORM_TYPES,
     ParamDecision,
+    apply_lr_scales,
     build_param_groups,
+    check_unique_group_names,
     classify_parameters,
     describe_param_groups,
 )
@@ -48,7 +52,9 @@ _EXPORTS: dict[str, str] = {
     "WarmupCosineLR": "lightning_adamw.schedules",
     "WeightDecayMonitor": "lightning_adamw.monitor",
     "adamw_update_split": "lightning_adamw.update_split",
+    "apply_lr_scales": "lightning_adamw.param_groups",
     "build_param_groups": "lightning_adamw.param_groups",
+    "check_unique_group_names": "lightning_adamw.param_groups",
     "classify_parameters": "lightning_adamw.param_groups",
     "describe_param_groups": "lightning_adamw.param_groups",
     "is_coupled_l2": "lightning_adamw.optim_checks",
@@ -66,7 +72,9 @@ __all__ = [
     "WeightDecayMonitor",
     "__version__",
     "adamw_update_split",
+    "apply_lr_scales",
     "build_param_groups",
+    "check_unique_group_names",
     "classify_parameters",
     "describe_param_groups",
     "is_coupled_l2",

@@ -46,8 +46,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler, OneCycleLR, ReduceLROnPlateau
 
 from lightning_adamw.optim_checks import coupled_l2_message, is_coupled_l2
-from lightning_adamw.optimizer_adoption import _walk as _walk_returned
-from lightning_adamw.optimizer_adoption import adopt, adopt_returned, same_value
+from lightning_adamw.optimizer_adoption import adopt, adopt_returned, returned_optimizers, same_value
 from lightning_adamw.optimizer_groups import (
     check_group_hyperparameters,
 )
@@ -93,8 +92,10 @@ class DecoupledWeightDecayMixin:
     """Gives a ``LightningModule`` a ``configure_optimizers`` with decoupled weight decay done right.
 
     Norm weights, biases and other 1-D tensors go to a ``"no_decay"`` group with ``weight_decay=0``; every other
-    trainable tensor to a ``"decay"`` group (see :func:`lightning_adamw.build_param_groups`). The groups table is
-    printed once on rank 0 when fit starts and the group sizes are logged as hyperparameters.
+    trainable tensor to a ``"decay"`` group (see :func:`lightning_adamw.build_param_groups`); ``layer_decay`` and
+    ``group_overrides`` split them further (``decay/layer_3``), and the mixin multiplies each group's lr by its
+    ``lr_scale`` on whatever optimizer it builds, before the scheduler. The groups table is printed once on rank 0
+    when fit starts and each group's size, lr scale, weight decay and depth are logged as hyperparameters.
 
     Settings (attribute, then hyperparameter, then class default; defaults in :attr:`adamw_defaults`; see
     :meth:`adamw_setting`):
@@ -102,7 +103,9 @@ class DecoupledWeightDecayMixin:
         (fused on CUDA, ``foreach`` elsewhere); the grouping options ``exclude_embeddings``,
         ``no_decay_patterns``, ``decay_patterns``, ``extra_norm_types``, ``norm_class_pattern``,
         ``use_model_hooks``, ``include_frozen`` (put tensors that are frozen now in their groups too, so that
-        unfreezing them later with ``requires_grad_(True)`` trains them); ``lr_schedule`` (``"constant"`` or
+        unfreezing them later with ``requires_grad_(True)`` trains them), ``group_overrides``, ``layer_decay``,
+        ``num_layers`` and ``layer_id`` (a callable, read from the instance or ``hparams``; both only with
+        ``layer_decay``: per-group learning rates, see :func:`lightning_adamw.build_param_groups`); ``lr_schedule`` (``"constant"`` or
         ``"cosine"``) with ``warmup_steps``, ``min_lr_ratio`` and ``total_steps`` (``None``: the trainer's
         ``estimated_stepping_batches``) for the built-in warm-up + cosine schedule, stepped every optimizer step.
 
@@ -181,7 +184,7 @@ class DecoupledWeightDecayMixin:
         def configure_optimizers(self: Any, *args: Any, **kw: Any) -> Any:
             result = own(self, *args, **kw)
             adopt_returned(self, result)
-            for optimizer in (o for o in _walk_returned(result) if isinstance(o, Optimizer)):
+            for optimizer in (o for o in returned_optimizers(result) if isinstance(o, Optimizer)):
                 check_lr_scales(optimizer)  # e.g. OneCycleLR(max_lr=one value) over layer-decayed groups
             return result
 
@@ -259,6 +262,11 @@ class DecoupledWeightDecayMixin:
                 value = hparams.get(name) if hparams is not None else None
             if value is not None:
                 options[name] = value
+        if options.get("layer_decay") is None:
+            # Settings are read from any attribute or hparam of that name, and `num_layers` often names a
+            # network's depth: without layer decay these two have nothing to act on.
+            options.pop("num_layers", None)
+            options.pop("layer_id", None)
         return options
 
     # ------------------------------------------------------------------------------------------- groups

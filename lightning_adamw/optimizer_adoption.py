@@ -42,7 +42,15 @@ from lightning_adamw.optimizer_state import LrRule, remap_state_dict
 from lightning_adamw.param_groups import NO_DECAY
 from lightning_adamw.schedules import WarmupCosineLR
 
-__all__ = ["Adoption", "adopt", "adopt_returned", "adoption_of", "rescale_scheduler_base", "same_value"]
+__all__ = [
+    "Adoption",
+    "adopt",
+    "adopt_returned",
+    "adoption_of",
+    "rescale_scheduler_base",
+    "returned_optimizers",
+    "same_value",
+]
 
 _SHOWN_NAMES = 5  # tensor names shown in a warning before "... (+n more)"
 
@@ -140,16 +148,16 @@ def _step_pre_hook(optimizer: Optimizer, args: Any, kwargs: Any) -> None:
     before_step(module, optimizer, adoption)
 
 
-def _walk(result: Any) -> Iterator[Any]:
+def returned_optimizers(result: Any) -> Iterator[Any]:
     """Optimizers and schedulers anywhere in a ``configure_optimizers`` return value (every Lightning format)."""
     if isinstance(result, (Optimizer, LRScheduler, ReduceLROnPlateau)):
         yield result
     elif isinstance(result, dict):
         for value in result.values():
-            yield from _walk(value)
+            yield from returned_optimizers(value)
     elif isinstance(result, (list, tuple)):
         for value in result:
-            yield from _walk(value)
+            yield from returned_optimizers(value)
 
 
 class _Untracked:
@@ -166,7 +174,7 @@ _UNTRACKED: weakref.WeakKeyDictionary[nn.Module, _Untracked] = weakref.WeakKeyDi
 
 def adopt_returned(module: Any, result: Any) -> None:
     """Adopt the optimizers (with their schedulers) of a ``configure_optimizers`` return value."""
-    found = list(_walk(result))
+    found = list(returned_optimizers(result))
     schedulers = [s for s in found if not isinstance(s, Optimizer)]
     for optimizer in (o for o in found if isinstance(o, Optimizer)):
         adopt(module, optimizer, [s for s in schedulers if getattr(s, "optimizer", None) is optimizer], None)

@@ -78,7 +78,10 @@ def test_optim_hyperparameters_give_their_own_groups_without_warning() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         groups = build_param_groups(model, 0.1)
-    got = {g["name"]: ([n for n, _ in g["params"]], g["weight_decay"], g.get("lr"), g.get("betas")) for g in groups}
+    got = {
+        g["name"]: ([n for n, _ in g["params"]], g["weight_decay"], g.get("lr"), g.get("betas"))
+        for g in groups
+    }
     # 0.weight: its own decay 0.3 and absolute lr; 1.weight: no decay, its own lr and betas; 1.bias: plain flag.
     assert got["decay/declared_0"] == (["0.weight"], 0.3, 1e-3, None)
     assert got["no_decay/declared_1"] == (["1.weight"], 0.0, 1e-3, (0.9, 0.9))

@@ -302,7 +302,11 @@ def test_bad_layer_id_is_an_error_naming_it(
         ({"layer_id": lambda n: 0}, ValueError, r"`layer_id` is used only with `layer_decay`"),
         ({"num_layers": 3}, ValueError, r"`num_layers` is used only with `layer_decay`"),
         ({"layer_decay": 0.5, "num_layers": 0}, ValueError, r"`num_layers` must be an int >= 1"),
-        ({"layer_decay": 0.5, "num_layers": 2}, ValueError, r"`num_layers` is 2, but TinyViT has 3 blocks"),
+        (
+            {"layer_decay": 0.5, "num_layers": 2},
+            ValueError,
+            r"`num_layers` \(L of the layer-decay formula\) is 2, but TinyViT has 3 blocks",
+        ),
     ],
 )
 def test_bad_layer_decay_options_name_the_option(options: dict, error: type[Exception], message: str) -> None:

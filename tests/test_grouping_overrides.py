@@ -504,3 +504,11 @@ def test_group_hparams_for_loggers() -> None:
     assert hparams["param_groups/decay/backbone/lr_scale"] == 0.1
     assert hparams["param_groups/no_decay/weight_decay"] == 0.0
     assert not any(k.endswith("/depth") for k in hparams)
+
+
+def test_describe_takes_the_same_options_as_build_param_groups() -> None:
+    options = {"group_overrides": [{"pattern": "backbone.*", "name": "backbone", "lr_scale": 0.1}], "lr": LR}
+    text = describe_param_groups(Net(), 0.05, defer_lr_scale=True, **options)
+    row = next(line.split() for line in text.splitlines() if line.startswith("decay/backbone "))
+    assert row[1:5] == ["0.1", "0.05", "2", "96"]  # lr_scale, weight_decay, tensors, params
+    assert "group_overrides (first matching entry wins): backbone: 6 tensors" in text

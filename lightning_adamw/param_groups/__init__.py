@@ -3,7 +3,13 @@
 Pure torch, no Lightning import: everything here takes an ``nn.Module`` and returns plain data, so it can be
 tested directly and used from any training loop. Stages, one module each: :mod:`.names` (names from the module
 tree, wrappers left out), :mod:`.rules` (what a tensor is), :mod:`.classify` (one decision per tensor),
-:mod:`.groups` (optimizer groups), :mod:`.report` (the table).
+:mod:`.overrides` (``group_overrides``), :mod:`.depth` (layer depths for ``layer_decay``), :mod:`.groups`
+(optimizer groups, ``apply_lr_scales``), :mod:`.report` (the table).
+
+The decay / no-decay classification below is the first axis. ``layer_decay`` (one group per depth, lr scaled by
+``layer_decay ** (L + 1 - depth)``), ``group_overrides`` (first matching pattern: its own lr scale and weight
+decay) and per-tensor ``param._optim`` hyperparameters split each class further, into groups named
+``decay/layer_3``, ``no_decay/embed/<override>``, ``decay/declared_0``.
 
 The rules, in the order they are tried for each parameter (the first that matches wins):
 
@@ -11,7 +17,8 @@ The rules, in the order they are tried for each parameter (the first that matche
 2. ``no_decay_patterns``   -> no_decay  (user override)
 3. model-declared          -> no_decay  (names the model lists in ``no_weight_decay()`` / substrings from
    ``no_weight_decay_keywords()``, the timm convention; then tensors flagged ``param._no_weight_decay = True``
-   (Mamba) or ``param._optim = {"weight_decay": 0.0, ...}``)
+   (Mamba) or ``param._optim = {"weight_decay": 0.0, ...}``; a non-zero ``_optim`` weight decay puts the tensor in
+   decay with that value)
 4. normalization module    -> no_decay  (torch's norm types, ``extra_norm_types``, or a class name that
    matches ``norm_class_pattern``; only parameters the norm module owns directly)
 5. bias                    -> no_decay  (``bias`` / ``biases`` is a word of the leaf name: ``bias``,

@@ -387,7 +387,8 @@ def _from_names(module: nn.Module, tensors: list[_Tensor], num_layers: int | Non
     count = len(block_keys)
     if num_layers is not None and num_layers < count:
         raise ValueError(
-            f"`num_layers` is {num_layers}, but {type(module).__name__} has {count} blocks in `{stack}`"
+            f"`num_layers` (L of the layer-decay formula) is {num_layers}, but {type(module).__name__} has {count} "
+            f"blocks in `{stack}`: leave it unset to count them, or pass `layer_id=`"
         )
     top = (num_layers if num_layers is not None else count) + 1
 

@@ -49,6 +49,9 @@ def describe_param_groups(
     how many tensors, and what the model declared.
     """
     prefix = check_group_prefix(group_prefix)
+    # build_param_groups' options that do not change which tensor goes where (the table shows lr scales).
+    options.pop("lr", None)
+    options.pop("defer_lr_scale", None)
     if decisions is None:
         if module is None:
             raise TypeError("`describe_param_groups` needs `module` or `decisions`")
