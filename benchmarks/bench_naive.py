@@ -2,10 +2,16 @@
 
 Per-parameter optimizer monitors compute their statistics in a Python loop over the parameters, one small
 tensor expression and one ``.item()`` per quantity per tensor. :func:`naive_update_split` does exactly that
-for the same quantities the package computes (the four sums per tensor of :mod:`lightning_adamw.update_split`:
-weight norm, update norm, <weight, update>, pre-decay weight norm), then derives the metrics with the
-package's own closed-form :func:`~lightning_adamw.update_split.derive_metrics`, so the two differ only in how
-the tensor work is done. The results are checked to agree before anything is timed.
+for the same quantities the package computes (the sums per tensor of the contract,
+:mod:`lightning_adamw.update_split.contract`: weight norm, update norm, <weight, update>, pre-decay weight norm,
+gradient norm, and the count and squares of the coordinates whose update the storage dtype rounds away),
+with the package's one written-out Adam step (:func:`~lightning_adamw.update_split.backends.reference.adam_update`)
+in the parameters' dtype, then derives the metrics with the package's own
+:func:`~lightning_adamw.update_split.derive_metrics`, so the two differ only in how the tensor work is done. The
+results are checked to agree before anything is timed.
+
+The package's ``reference`` backend (a float64 loop over the tensors, the oracle of the tests) is timed too, as
+the baseline of the backends: ``update_split(optimizer, backend="reference")``.
 
 Also timed on the same parameters: a bare foreach ``AdamW.step()``, the reference of item 1's "every step
 costs at most 1.3x an optimizer step" target, measured here outside of Lightning, without any noise from the
@@ -26,6 +32,7 @@ from benchmarks.models import GPT, GPTConfig
 
 ITEM = 2
 TARGET_SPEEDUP = 5.0
+REFERENCE = "reference backend (float64 loop), group metrics"
 TARGET_VS_STEP = 1.3
 
 #: >= 200 parameter tensors (292): the size of model where per-tensor overhead decides.
@@ -49,6 +56,8 @@ def naive_update_split(optimizer: torch.optim.Optimizer, per_layer: bool = False
     benchmark uses).
     """
     from lightning_adamw.update_split import derive_metrics, group_label, param_labels
+    from lightning_adamw.update_split.backends.reference import adam_update
+    from lightning_adamw.update_split.contract import NUM_COLUMNS, Col, decay_coefficient, half_ulp
 
     out: dict[str, float] = {}
     with torch.no_grad():
@@ -56,21 +65,33 @@ def naive_update_split(optimizer: torch.optim.Optimizer, per_layer: bool = False
             label = group_label(group, gi)
             lr, wd, eps = float(group["lr"]), float(group["weight_decay"]), float(group["eps"])
             beta1, beta2 = (float(b) for b in group["betas"])
-            totals = [0.0] * 8
+            totals = [0.0] * NUM_COLUMNS
             for name, p in zip(param_labels(group, gi), group["params"], strict=True):
                 if p.grad is None:
                     continue
                 state = optimizer.state[p]
-                step = float(state["step"])
-                denom = state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2**step) + eps
-                update = (
-                    (lr / (1 - beta1**step)) * state["exp_avg"] / denom
-                )  # lr * u, what addcdiv subtracted
-                n = p.norm().item() ** 2
-                b = update.norm().item() ** 2
-                e = (p * update).sum().item()
-                s = (p + update).norm().item() ** 2
-                sums = [n, b, e, s, 0.0, 0.0, float(p.numel()), 1.0]
+                update = adam_update(  # lr * u, what addcdiv subtracted, in the parameters' dtype
+                    state["exp_avg"],
+                    state["exp_avg_sq"],
+                    step=float(state["step"]),
+                    lr=lr,
+                    betas=(beta1, beta2),
+                    eps=eps,
+                    dtype=None,
+                )
+                sums = [0.0] * NUM_COLUMNS
+                sums[Col.N] = p.norm().item() ** 2
+                sums[Col.B] = update.norm().item() ** 2
+                sums[Col.E] = (p * update).sum().item()
+                sums[Col.S] = (p + update).norm().item() ** 2
+                sums[Col.G] = p.grad.norm().item() ** 2
+                # the change the step computed, and where storing it loses it (the contract's R and RD)
+                c = decay_coefficient("adamw", lr, wd)
+                delta = (c * p.float() + (1.0 + c) * update.float()).abs()
+                lost = (delta < half_ulp(p.float(), p.dtype)) & (delta > 0)
+                sums[Col.R] = lost.sum().item()
+                sums[Col.RD] = delta[lost].square().sum().item()
+                sums[Col.NUMEL], sums[Col.COUNT] = float(p.numel()), 1.0
                 totals = [t + x for t, x in zip(totals, sums, strict=True)]
                 if per_layer:
                     for key, value in derive_metrics(
@@ -134,15 +155,31 @@ def trained_optimizer(
 def timed_variants(
     optimizer: torch.optim.Optimizer, sync: Callable[[], None] | None = None
 ) -> dict[str, Callable[[], Any]]:
-    """The callables compared in items 1 and 2 on one optimizer (all post-step, all every-step)."""
-    from lightning_adamw.update_split import update_split
+    """The callables compared in items 1 and 2 on one optimizer (all post-step, all every-step). The package's
+    calls keep their plan in a cache, as the monitor does."""
+    from lightning_adamw.update_split import PlanCache, update_split
 
+    cache = PlanCache()
     return {
         "foreach AdamW step": optimizer.step,
-        "batched (package), group metrics": lambda: update_split(optimizer).metrics(),
-        "batched (package), per-layer metrics": lambda: update_split(optimizer).metrics(per_layer=True),
+        "batched (package), group metrics": lambda: update_split(optimizer, cache=cache).metrics(),
+        "batched (package), per-layer metrics": lambda: update_split(optimizer, cache=cache).metrics(
+            per_layer=True
+        ),
         "naive loop, group metrics": lambda: naive_update_split(optimizer),
         "naive loop, per-layer metrics": lambda: naive_update_split(optimizer, per_layer=True),
+    }
+
+
+def reference_variants(optimizer: torch.optim.Optimizer) -> dict[str, Callable[[], Any]]:
+    """The package's packed path against its float64 ``reference`` backend, timed in rounds of their own: the
+    reference's float64 copies of every tensor must not disturb the allocator state the other variants see."""
+    from lightning_adamw.update_split import PlanCache, update_split
+
+    cache = PlanCache()
+    return {
+        "batched (package), group metrics": lambda: update_split(optimizer, cache=cache).metrics(),
+        REFERENCE: lambda: update_split(optimizer, backend="reference", cache=cache).metrics(),
     }
 
 
@@ -150,11 +187,16 @@ def timed_variants(
 
 
 def run(repeats: int = 5, quick: bool = False, budget_s: float = 0.25) -> list[Row]:
-    """Rows for item 2 (and the isolated monitor-vs-step ratio of item 1)."""
+    """Rows for item 2 (and the isolated monitor-vs-step ratio of item 1).
+
+    The ``reference`` backend is timed after every other measurement of the item, on a rebuilt optimizer: its
+    float64 copies of every tensor change the allocator's state (glibc raises its mmap threshold after large
+    frees), which would change what the AdamW step's and the packed path's large temporaries cost afterwards."""
     from lightning_adamw.update_split import update_split
 
     rows: list[Row] = []
-    for model_name, cfg in (QUICK_MODELS if quick else MODELS).items():
+    models = QUICK_MODELS if quick else MODELS
+    for model_name, cfg in models.items():
         model, optimizer = trained_optimizer(cfg)
         n_tensors = sum(len(g["params"]) for g in optimizer.param_groups)
         worst = max(
@@ -212,4 +254,50 @@ def run(repeats: int = 5, quick: bool = False, budget_s: float = 0.25) -> list[R
                 )
             )
         del model, optimizer
+    for model_name, cfg in models.items():
+        rows += _reference_rows(model_name, cfg, repeats, budget_s)
+    return rows
+
+
+def _reference_rows(model_name: str, cfg: GPTConfig, repeats: int, budget_s: float) -> list[Row]:
+    """The package's packed path against its float64 ``reference`` backend on the same state (see :func:`run`)."""
+    from lightning_adamw.update_split import update_split
+
+    rows: list[Row] = []
+    _, optimizer = trained_optimizer(cfg)
+    n_tensors = sum(len(g["params"]) for g in optimizer.param_groups)
+    bench = f"every-step metrics, {model_name}"
+    worst_reference = check_agreement(
+        update_split(optimizer).metrics(per_layer=True),
+        update_split(optimizer, backend="reference").metrics(per_layer=True),
+    )
+    ref_fns = reference_variants(optimizer)
+    ref_calls = {name: calls_for(fn, budget_s) for name, fn in ref_fns.items()}
+    ref_trials = {
+        name: (lambda fn=fn, k=ref_calls[name]: time_per_call(fn, k)) for name, fn in ref_fns.items()
+    }
+    ref_results = interleaved(ref_trials, repeats=repeats, warmup_rounds=1)
+    rows.append(
+        Row.from_stat(
+            ITEM,
+            bench,
+            REFERENCE,
+            "time per call",
+            stat([s * 1e3 for s in ref_results[REFERENCE]]),
+            unit="ms",
+            extra={"calls_per_repeat": ref_calls[REFERENCE], "tensors": n_tensors},
+        )
+    )
+    reference = stat(paired_ratios(ref_results, "batched (package), group metrics")[REFERENCE])
+    rows.append(
+        Row.from_stat(
+            ITEM,
+            bench,
+            "reference backend / batched, group metrics",
+            "speed-up",
+            reference,
+            unit="x",
+            note=f"the tests' float64 oracle, in rounds of its own; results agree to {worst_reference:.1e} relative",
+        )
+    )
     return rows

@@ -29,14 +29,22 @@ Two measurements in every fit, both on the CPU clock of the process (see :mod:`b
   1 + (mean monitor time per step) / (mean step time without it), from the same fit; ``monitor time / bare
   AdamW step`` divides by a bare foreach ``AdamW.step()`` on the same parameters in the same round.
 
-The monitor's end-of-fit figure (``plot``) is turned off: it is a one-off cost after the last step, outside
-the step loop measured here.
+The monitor's end-of-fit figure (``plot``) is turned off in these fits: it is a one-off cost after the last step,
+outside the step loop measured here. That **fixed cost per fit** is a benchmark of its own
+(:func:`fixed_cost_rows`, which ``python -m benchmarks`` runs after all other items: its figures and threads
+must not change the process the other items are measured in): a 60-step ``Trainer.fit`` of a 4-layer d=128 GPT with the monitor at its default
+interval, ``plot=True`` and ``plot=False``, interleaved with plain fits. Its figure is the wall-clock time the
+monitor spends on the training thread outside its optimizer step hook — every other hook it has
+(``on_train_start``, ``on_train_batch_end``, ``on_train_end``, ``teardown``, the state hooks), waits for the
+background figure included — with a target of 50 ms per fit; whole-fit ratios (CPU and wall) are reported beside
+it.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import statistics
 import tempfile
 import time
@@ -53,7 +61,21 @@ from benchmarks.models import GPTConfig, gpt_loader, lightning_gpt
 ITEM = 1
 TARGET_DEFAULT = 1.01
 TARGET_EVERY_VS_STEP = 1.3
+TARGET_FIXED_MS = 50.0
 LOG_EVERY = 50  # Lightning's default Trainer(log_every_n_steps)
+FIXED_COST_STEPS = 60
+#: every hook of WeightDecayMonitor besides its optimizer step hooks (they run on the training thread)
+MONITOR_HOOKS = (
+    "setup",
+    "on_fit_start",
+    "on_train_start",
+    "on_train_batch_end",
+    "on_train_end",
+    "on_fit_end",
+    "teardown",
+    "state_dict",
+    "load_state_dict",
+)
 
 VARIANTS: dict[str, dict[str, Any] | None] = {
     "plain": None,
@@ -241,6 +263,140 @@ def run(repeats: int = 5, quick: bool = False) -> list[Row]:
         trials[STEP] = bare_step_trial(case, budget_s=0.05 if quick else 0.3)
         results = interleaved(trials, repeats=repeats, warmup_rounds=0 if quick else 1)
         rows += _rows_for_case(case, results, quick, steps)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------- fixed cost
+
+
+def _timed_monitor(**kwargs: Any) -> Any:
+    """A ``WeightDecayMonitor`` whose non-step hooks add their wall-clock time to ``monitor.hook_s``."""
+    from lightning_adamw.monitor import WeightDecayMonitor
+
+    def timed(name: str) -> Callable[..., Any]:
+        base = getattr(WeightDecayMonitor, name)
+
+        def hook(self: Any, *args: Any, **kw: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return base(self, *args, **kw)
+            finally:
+                self.hook_s += time.perf_counter() - start
+
+        return hook
+
+    namespace: dict[str, Any] = {name: timed(name) for name in MONITOR_HOOKS}
+    cls = type("TimedWeightDecayMonitor", (WeightDecayMonitor,), namespace)
+    monitor = cls(**kwargs)
+    monitor.hook_s = 0.0
+    return monitor
+
+
+def fixed_fit(monitor_kwargs: dict[str, Any] | None, quick: bool) -> dict[str, float]:
+    """One short ``Trainer.fit`` as a user's sweep runs it (CSV logger); CPU and wall seconds, and the
+    monitor's wall seconds in its non-step hooks."""
+    import lightning as L
+    from lightning.pytorch.loggers import CSVLogger
+
+    _quiet()
+    cfg = GPTConfig(dim=32, layers=2, seq=16) if quick else GPTConfig(dim=128, layers=4, seq=32)
+    steps = 6 if quick else FIXED_COST_STEPS
+    torch.manual_seed(0)
+    monitor = _timed_monitor(**monitor_kwargs) if monitor_kwargs is not None else None
+    with tempfile.TemporaryDirectory(prefix="lightning-adamw-bench-") as tmp:
+        trainer = L.Trainer(
+            accelerator="cpu",
+            devices=1,
+            max_steps=steps,
+            logger=CSVLogger(tmp, name="bench"),
+            callbacks=[monitor] if monitor is not None else [],
+            log_every_n_steps=5 if quick else LOG_EVERY,  # (a quick fit logs once too)
+            limit_val_batches=0,
+            num_sanity_val_steps=0,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=tmp,
+        )
+        module = lightning_gpt(cfg, lr=1e-3, weight_decay=0.1)
+        data = gpt_loader(cfg, batch_size=8, n_samples=8 * steps)
+        cpu, wall = cpu_clock(), time.perf_counter()
+        trainer.fit(module, train_dataloaders=data)
+        cpu, wall = cpu_clock() - cpu, time.perf_counter() - wall
+        figure = (
+            monitor is not None
+            and monitor.figure_path is not None
+            and os.path.getsize(monitor.figure_path) > 0
+        )
+    return {
+        "cpu_s": cpu,
+        "wall_s": wall,
+        "hook_s": monitor.hook_s if monitor is not None else 0.0,
+        "figure": float(figure),
+    }
+
+
+FIXED_VARIANTS: dict[str, dict[str, Any] | None] = {
+    "plain": None,
+    "monitor, default interval": {},
+    "monitor, default interval, plot=False": {"plot": False},
+}
+
+
+def fixed_cost_rows(repeats: int = 5, quick: bool = False) -> list[Row]:
+    """Rows of the monitor's fixed cost per fit (see the module docstring)."""
+    trials = {name: (lambda kw=kw: fixed_fit(kw, quick)) for name, kw in FIXED_VARIANTS.items()}
+    results = interleaved(trials, repeats=repeats, warmup_rounds=0 if quick else 1)
+    bench = (
+        "fixed cost per fit, GPT 2x32 (6 steps)"
+        if quick
+        else f"fixed cost per fit, GPT 4x128 ({FIXED_COST_STEPS} steps, seq 32, batch 8)"
+    )
+    plain = results["plain"]
+    rows = [
+        Row.from_stat(
+            ITEM,
+            bench,
+            "plain",
+            "fit time (CPU)",
+            stat([r["cpu_s"] * 1e3 for r in plain]),
+            unit="ms",
+            note="whole Trainer.fit, CSV logger",
+        )
+    ]
+    for name in ("monitor, default interval", "monitor, default interval, plot=False"):
+        rs = results[name]
+        with_plot = "plot=False" not in name
+        assert all(r["figure"] for r in rs) == with_plot, "the figure must be written (only) with plot=True"
+        hook = stat([r["hook_s"] * 1e3 for r in rs])
+        rows.append(
+            Row.from_stat(
+                ITEM,
+                bench,
+                name,
+                "training-thread time outside the step hook (wall)",
+                hook,
+                unit="ms",
+                target=f"<= {TARGET_FIXED_MS:g} ms" if with_plot else "",
+                ok=(hook.median <= TARGET_FIXED_MS) if with_plot and not quick else None,
+                note="figure drawn off the training thread, written and sent to the loggers"
+                if with_plot
+                else "no figure",
+            )
+        )
+        for clock, key in (("CPU", "cpu_s"), ("wall", "wall_s")):
+            ratio = stat([r[key] / p[key] for r, p in zip(rs, plain, strict=True)])
+            rows.append(
+                Row.from_stat(
+                    ITEM,
+                    bench,
+                    name,
+                    f"whole fit / plain ({clock})",
+                    ratio,
+                    unit="x",
+                    note="all threads of the process" if clock == "CPU" else "",
+                )
+            )
     return rows
 
 

@@ -38,11 +38,9 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.util
 import os
 import sys
 import time
-import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -52,7 +50,7 @@ import torch
 if __package__ in (None, ""):  # `python benchmarks/gpu.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import BENCH_DIR, Row, interleaved, log, machine_info, paired_ratios, stat
+from benchmarks.common import Row, interleaved, log, machine_info, paired_ratios, stat
 from benchmarks.models import LlamaConfig, LlamaSkeleton
 
 ITEM = 5
@@ -88,32 +86,21 @@ def peak_bandwidth(name: str) -> float | None:
 
 
 def import_core() -> tuple[Callable[..., Any], Callable[..., Any]]:
-    """``(build_param_groups, update_split)`` from the package, or from its files when it cannot import.
+    """``(build_param_groups, update_split)`` from the package (pure torch: no Lightning is imported).
 
-    The two modules are pure torch; the package's ``__init__`` also imports the Lightning CLI and the monitor,
-    which a bare GPU machine may lack the extras for. Loading the two files directly keeps the script
-    runnable.
+    ``update_split`` keeps one plan cache per optimizer and choice of path, as the monitor does (its own
+    :class:`~lightning_adamw.update_split.PlanCache`): the torch path (``triton=False``) gets a cache of its own,
+    so the interleaved variants do not rebuild each other's plans.
     """
-    try:
-        from lightning_adamw.param_groups import build_param_groups
-        from lightning_adamw.update_split import update_split
+    from lightning_adamw.param_groups import build_param_groups
+    from lightning_adamw.update_split import PlanCache, update_split
 
-        return build_param_groups, update_split
-    except Exception as err:  # ImportError, or a dependency failing in its own way on import
-        log(f"package import failed ({err!r}); loading param_groups.py and update_split.py directly")
-    root = BENCH_DIR.parent / "lightning_adamw"
-    package = types.ModuleType("lightning_adamw")
-    package.__path__ = [str(root)]
-    sys.modules["lightning_adamw"] = package
-    loaded = {}
-    for name in ("param_groups", "update_split"):
-        spec = importlib.util.spec_from_file_location(f"lightning_adamw.{name}", root / f"{name}.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-        loaded[name] = module
-    return loaded["param_groups"].build_param_groups, loaded["update_split"].update_split
+    caches = {True: PlanCache(), False: PlanCache()}
+
+    def split(optimizer: torch.optim.Optimizer, *, triton: bool = True, **kwargs: Any) -> Any:
+        return update_split(optimizer, triton=triton, cache=caches[triton], **kwargs)
+
+    return build_param_groups, split
 
 
 # ----------------------------------------------------------------------------------------------- setup
@@ -292,7 +279,9 @@ def measure_case(
         naive: lambda: naive_metrics(optimizer),
     }
     torch_path = "monitor, torch path (triton=False), group metrics"
-    if clock.device.type == "cuda":  # the fused Triton kernel's baseline: the same sums in eager torch kernels
+    if (
+        clock.device.type == "cuda"
+    ):  # the fused Triton kernel's baseline: the same sums in eager torch kernels
         fns[torch_path] = lambda: update_split(optimizer, triton=False).metrics()
     calls = {k: clock.calls_for(fn, call_budget) for k, fn in fns.items()}
     trials = {k: (lambda fn=fn, n=calls[k]: clock.per_call(fn, n)) for k, fn in fns.items()}

@@ -44,16 +44,24 @@ ITEM_NOTES: dict[int, str] = {
         logger calls, history); slowdown = 1 + monitor time / (step time - monitor time) of the same fit.
         `monitor time / bare AdamW step` divides the same monitor time by a bare foreach `AdamW.step()` on the
         same parameters in the same round. The *isolated* rows time `update_split()` (what the post-hook
-        calls) against `optimizer.step()` outside Lightning, on the larger models of item 2.
+        calls) against `optimizer.step()` outside Lightning, on the larger models of item 2. The *fixed cost per
+        fit* rows are short fits (60 steps of a 4-layer d=128 GPT, default interval, the summary figure on and
+        off) interleaved with plain ones: `training-thread time outside the step hook` is the wall-clock time
+        spent in every other hook of the monitor (`on_train_start`, `on_train_batch_end`, `on_train_end`,
+        `teardown`, state hooks), including any wait for the figure, which is drawn in a background thread
+        and still written and sent to the loggers; the whole-fit ratios count all threads (CPU) or the clock
+        on the wall.
         """
     ),
     2: _para(
         """
         Both compute the same metrics from the same post-step optimizer state (checked to agree before
         timing); the naive loop calls `.norm().item()` / `.sum().item()` per tensor, the package uses its
-        packed torch kernels (on CUDA its fused Triton kernel) and one host transfer. On a CPU `.item()` is not a device sync and a
-        foreach kernel is a C++ loop over the tensors, so the CPU ratio shows the Python/dispatch saving only;
-        the GPU rows (item 5) show the sync saving.
+        packed backend (on CUDA its fused Triton kernel) and one host transfer. On a CPU `.item()` is not a
+        device sync and a foreach kernel is a C++ loop over the tensors, so the CPU ratio shows the
+        Python/dispatch saving only; the GPU rows (item 5) show the sync saving. The package's `reference`
+        backend (a float64 loop over the tensors: the oracle of the tests) is timed on the same state as the
+        baseline of the backends.
         """
     ),
     3: _para(
@@ -76,9 +84,9 @@ ITEM_NOTES: dict[int, str] = {
         """
         Run by `python -m benchmarks.gpu` on one CUDA GPU (see the module docstring); merged with `python -m
         benchmarks --merge-gpu FILE`. `monitor (update_split)` is what `WeightDecayMonitor` runs on CUDA: the
-        fused Triton kernel of `lightning_adamw/triton_sums.py` (reads w, m, v once), plus the Python around
-        it; `monitor, torch path` is the same computation with `triton=False` (the packed torch kernels of
-        `packed_sums.py`, what runs on a CPU). On the 292-tensor model the call is bound by its Python (about
+        `triton` backend, one fused kernel (`lightning_adamw/update_split/backends/triton.py`: reads w, m, v
+        once), plus the Python around it; `monitor, torch path` is the same computation with `triton=False` (the
+        `packed` backend's torch kernels, what runs on a CPU). On the 292-tensor model the call is bound by its Python (about
         1 ms on that machine), not by the GPU.
         """
     ),
@@ -245,8 +253,55 @@ def _headline(rows: Sequence[Row]) -> list[str]:
     return lines
 
 
-def render(cpu: dict[str, Any] | None, gpu: dict[str, Any] | None) -> str:
-    """The whole RESULTS.md."""
+def _better(metric: str, base: list[float], new: list[float]) -> str:
+    """``better`` / ``worse`` when the two trees' min-max ranges do not overlap, else ``within spread``
+    (speed-ups are better higher, every other figure here lower)."""
+    higher = "speed-up" in metric
+    if new[1] > base[2]:
+        return "better" if higher else "**worse**"
+    if new[2] < base[1]:
+        return "**worse**" if higher else "better"
+    return "within spread"
+
+
+def _ab_lines(ab: dict[str, Any]) -> list[str]:
+    lines = [
+        "## Against the previous implementation (A/B on this machine)",
+        "",
+        _para(
+            """
+            `python -m benchmarks.ab BASELINE_TREE` ran the same items with each tree's own package and
+            benchmark code, alternating trees run by run (each run interleaved and timed as above). Per tree:
+            the median over runs of each run's median, with the smallest and largest run. `better` / `worse`
+            only where the two ranges do not overlap.
+            """
+        ),
+        "",
+        *_machine_lines(ab.get("machine", {}), ab.get("settings", {})),
+        "",
+        "| item | what | variant | metric | baseline: median (min - max) | this tree | new / baseline | |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in ab["rows"]:
+        base, new = r["baseline"], r["new"]
+        unit = r.get("unit", "")
+        ratio = fmt(new[0] / base[0]) if base[0] else "-"
+        cells = [
+            str(r["item"]),
+            r["bench"],
+            r["variant"],
+            r["metric"],
+            f"{fmt(base[0])} {unit} ({fmt(base[1])} - {fmt(base[2])})",
+            f"{fmt(new[0])} {unit} ({fmt(new[1])} - {fmt(new[2])})",
+            ratio,
+            _better(r["metric"], base, new),
+        ]
+        lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
+    return [*lines, ""]
+
+
+def render(cpu: dict[str, Any] | None, gpu: dict[str, Any] | None, ab: dict[str, Any] | None = None) -> str:
+    """The whole RESULTS.md (``ab``: the output of ``python -m benchmarks.ab``, shown after the CPU items)."""
     cpu_rows = rows_of(cpu)
     gpu_rows = rows_of(gpu)
     lines = [
@@ -294,6 +349,8 @@ def render(cpu: dict[str, Any] | None, gpu: dict[str, Any] | None) -> str:
         item_rows = [r for r in cpu_rows if r.item == item]
         lines += [f"## {ITEM_TITLES[item]}", "", ITEM_NOTES[item], ""]
         lines += [*_md_table(item_rows), ""] if item_rows else ["Not measured in this run.", ""]
+    if ab is not None and ab.get("rows"):
+        lines += _ab_lines(ab)
     lines += [f"## {ITEM_TITLES[5]}", "", ITEM_NOTES[5], ""]
     if gpu_rows:
         if stale:

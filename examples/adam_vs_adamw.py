@@ -60,6 +60,7 @@ from tqdm.auto import tqdm
 
 from lightning_adamw import DecoupledWeightDecayMixin, WarmupCosineLR, WeightDecayMonitor, build_param_groups
 from lightning_adamw.demo import DigitsDataModule
+from lightning_adamw.update_split.backends.reference import adam_denominator
 
 NUM_CLASSES = 10
 NUM_FEATURES = 64  # 8 x 8 pixels
@@ -583,9 +584,8 @@ def per_coordinate_rates(optimizer: torch.optim.Optimizer) -> dict[str, np.ndarr
             state = optimizer.state.get(p, {})
             if "exp_avg_sq" not in state:
                 continue
-            step = float(state["step"])
-            denom = state["exp_avg_sq"].sqrt() / math.sqrt(1.0 - beta2**step) + group["eps"]
-            rates[name] = (wd / denom).flatten().double().numpy()
+            denom = adam_denominator(state["exp_avg_sq"], float(state["step"]), beta2, group["eps"])
+            rates[name] = (wd / denom).flatten().numpy()
     return rates
 
 
@@ -986,13 +986,13 @@ def write_grid_csv(grid: GridResult, path: Path) -> None:
                         )
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
+        return jsonable(value.tolist())
     if isinstance(value, (np.floating, float)):
         return float(value) if math.isfinite(value) else None
     if isinstance(value, (np.integer, np.bool_)):
@@ -1118,7 +1118,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "plots": {"heatmaps": str(heatmap), "effective_decay": str(eff_plot)},
         "seconds": time.perf_counter() - start,
     }
-    results = _jsonable(results)
+    results = jsonable(results)
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))
     print("\n".join(summary_lines(results)))
     print(f"total time {results['seconds']:.0f}s")

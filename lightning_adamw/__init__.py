@@ -11,6 +11,8 @@ Public API:
 - :class:`DecoupledWeightDecayMixin`: a LightningModule mixin whose ``configure_optimizers`` builds the groups.
 - :class:`WeightDecayMonitor`: a callback that logs the split of every (logged) update.
 - :class:`WarmupCosineLR`: linear warm-up + cosine decay, per optimizer step.
+- :class:`WeightDecayScheduler`: weight decay over time (``constant``, ``independent``, ``adamc``, ``cosine``,
+  ``linear``), set for every optimizer step through the optimizer's step hooks (pure torch).
 - :class:`AdamWCLI` and the ``lightning-adamw`` command.
 
 The Lightning-facing names are imported lazily, so ``import lightning_adamw`` and the functional core
@@ -38,6 +40,7 @@ from lightning_adamw.param_groups import (
 )
 from lightning_adamw.schedules import WarmupCosineLR
 from lightning_adamw.update_split import UpdateSplit, adamw_update_split
+from lightning_adamw.weight_decay import WeightDecayScheduler
 
 __version__ = "0.1.0"
 
@@ -51,6 +54,7 @@ _EXPORTS: dict[str, str] = {
     "UpdateSplit": "lightning_adamw.update_split",
     "WarmupCosineLR": "lightning_adamw.schedules",
     "WeightDecayMonitor": "lightning_adamw.monitor",
+    "WeightDecayScheduler": "lightning_adamw.weight_decay",
     "adamw_update_split": "lightning_adamw.update_split",
     "apply_lr_scales": "lightning_adamw.param_groups",
     "build_param_groups": "lightning_adamw.param_groups",
@@ -70,6 +74,7 @@ __all__ = [
     "UpdateSplit",
     "WarmupCosineLR",
     "WeightDecayMonitor",
+    "WeightDecayScheduler",
     "__version__",
     "adamw_update_split",
     "apply_lr_scales",

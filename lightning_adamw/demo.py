@@ -22,7 +22,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from lightning_adamw.mixin import DecoupledWeightDecayMixin
 
-__all__ = ["DigitsClassifier", "DigitsDataModule", "load_digits_tensors"]
+__all__ = ["DigitsClassifier", "DigitsDataModule", "DigitsTask", "load_digits_tensors"]
 
 NUM_CLASSES = 10
 
@@ -103,80 +103,19 @@ class DigitsDataModule(L.LightningDataModule):
         return self._loader(self.test_set, shuffle=False)
 
 
-class DigitsClassifier(DecoupledWeightDecayMixin, L.LightningModule):
-    """Conv-BN-ReLU x2, LayerNorm, MLP head: every kind of parameter the grouping rules care about.
+class DigitsTask(L.LightningModule):
+    """Classification steps and metrics (loss, accuracy, macro F1 via torchmetrics) and the built-in digits data,
+    shared by the built-in job's models (:class:`DigitsClassifier`, :class:`~lightning_adamw.finetune.ViTFineTuner`).
 
-    Args:
-        lr: peak learning rate of the default AdamW.
-        weight_decay: decoupled weight decay of the ``decay`` group.
-        betas: Adam betas.
-        eps: Adam epsilon.
-        channels: width of the first conv layer (the second has twice as many).
-        hidden: width of the hidden layer of the head.
-        dropout: dropout before the last layer.
-        lr_schedule: ``"cosine"`` (linear warm-up then cosine, per step) or ``"constant"``.
-        warmup_steps: warm-up length in optimizer steps.
-        min_lr_ratio: final learning rate as a fraction of ``lr``.
-        exclude_embeddings: grouping option (this model has no embeddings; kept for a uniform CLI).
-        no_decay_patterns: extra name patterns to exclude from decay.
-        decay_patterns: name patterns to always decay.
-        optimizer: an optimizer callable injected by LightningCLI (``--model.optimizer AdamW``); it receives
-            the decay / no-decay groups. ``None`` uses AdamW with the arguments above.
-        lr_scheduler: a scheduler callable injected by LightningCLI; ``None`` uses ``lr_schedule``.
-
-    Data: with no data module (``trainer.fit(model)``, ``lightning-adamw fit`` without ``--data``) the
-    ``*_dataloader`` methods serve a ``DigitsDataModule()`` with its defaults (batch size 64, the fixed split).
-    A data module given to the trainer takes precedence, as always in Lightning.
+    A subclass defines ``forward(images) -> logits`` and calls :meth:`_init_digits_task` in its ``__init__``.
     """
 
-    def __init__(
-        self,
-        lr: float = 3e-3,
-        weight_decay: float = 0.05,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        channels: int = 32,
-        hidden: int = 128,
-        dropout: float = 0.1,
-        lr_schedule: str = "cosine",
-        warmup_steps: int = 20,
-        min_lr_ratio: float = 0.05,
-        exclude_embeddings: bool = False,
-        no_decay_patterns: list[str] | None = None,
-        decay_patterns: list[str] | None = None,
-        optimizer: OptimizerCallable | None = None,
-        lr_scheduler: LRSchedulerCallable | None = None,
-    ) -> None:
-        super().__init__()
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
-        self.optimizer = optimizer
-        self.lr_scheduler = lr_scheduler
-        c = channels
-        self.features = nn.Sequential(
-            nn.Conv2d(1, c, 3, padding=1, bias=False),
-            nn.BatchNorm2d(c),
-            nn.ReLU(),
-            nn.Conv2d(c, 2 * c, 3, padding=1, bias=False),
-            nn.BatchNorm2d(2 * c),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-        )
-        self.head = nn.Sequential(
-            nn.Flatten(),
-            nn.LayerNorm(2 * c * 16),
-            nn.Linear(2 * c * 16, hidden),
-            nn.GELU(),
-            nn.Dropout(dropout),
-            nn.Linear(hidden, NUM_CLASSES),
-        )
-        self.val_acc = MulticlassAccuracy(num_classes=NUM_CLASSES)
-        self.test_acc = MulticlassAccuracy(num_classes=NUM_CLASSES)
-        self.val_f1 = MulticlassF1Score(num_classes=NUM_CLASSES, average="macro")
-        self.test_f1 = MulticlassF1Score(num_classes=NUM_CLASSES, average="macro")
+    def _init_digits_task(self, num_classes: int) -> None:
+        self.val_acc = MulticlassAccuracy(num_classes=num_classes)
+        self.test_acc = MulticlassAccuracy(num_classes=num_classes)
+        self.val_f1 = MulticlassF1Score(num_classes=num_classes, average="macro")
+        self.test_f1 = MulticlassF1Score(num_classes=num_classes, average="macro")
         self._own_data: DigitsDataModule | None = None
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(images))
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels = batch
@@ -223,3 +162,84 @@ class DigitsClassifier(DecoupledWeightDecayMixin, L.LightningModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._digits().predict_dataloader()
+
+
+class DigitsClassifier(DecoupledWeightDecayMixin, DigitsTask):
+    """Conv-BN-ReLU x2, LayerNorm, MLP head: every kind of parameter the grouping rules care about.
+
+    Args:
+        lr: peak learning rate of the default AdamW.
+        weight_decay: decoupled weight decay of the ``decay`` group.
+        betas: Adam betas.
+        eps: Adam epsilon.
+        channels: width of the first conv layer (the second has twice as many).
+        hidden: width of the hidden layer of the head.
+        dropout: dropout before the last layer.
+        lr_schedule: ``"cosine"`` (linear warm-up then cosine, per step) or ``"constant"``.
+        warmup_steps: warm-up length in optimizer steps.
+        min_lr_ratio: final learning rate as a fraction of ``lr``.
+        exclude_embeddings: grouping option (this model has no embeddings; kept for a uniform CLI).
+        no_decay_patterns: extra name patterns to exclude from decay.
+        decay_patterns: name patterns to always decay.
+        optimizer: an optimizer callable injected by LightningCLI (``--model.optimizer AdamW``); it receives
+            the decay / no-decay groups. ``None`` uses AdamW with the arguments above.
+        lr_scheduler: a scheduler callable injected by LightningCLI; ``None`` uses ``lr_schedule``.
+        weight_decay_schedule: weight decay over time (``None``: constant): ``"constant"``, ``"independent"``,
+            ``"adamc"``, ``"cosine"``, ``"linear"``, or a dict with options (``{name: cosine, final_ratio: 0.1}``);
+            see :class:`~lightning_adamw.weight_decay.WeightDecayScheduler`.
+        ema_timescale_epochs: set the decay by its EMA timescale τ in epochs instead of ``weight_decay``
+            (λ = 1/(lr·τ), Wang & Aitchison 2024).
+        ema_timescale_fraction: the same, as a fraction of the planned optimizer steps.
+
+    Data: with no data module (``trainer.fit(model)``, ``lightning-adamw fit`` without ``--data``) the
+    ``*_dataloader`` methods serve a ``DigitsDataModule()`` with its defaults (batch size 64, the fixed split).
+    A data module given to the trainer takes precedence, as always in Lightning.
+    """
+
+    def __init__(
+        self,
+        lr: float = 3e-3,
+        weight_decay: float = 0.05,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        channels: int = 32,
+        hidden: int = 128,
+        dropout: float = 0.1,
+        lr_schedule: str = "cosine",
+        warmup_steps: int = 20,
+        min_lr_ratio: float = 0.05,
+        exclude_embeddings: bool = False,
+        no_decay_patterns: list[str] | None = None,
+        decay_patterns: list[str] | None = None,
+        weight_decay_schedule: dict[str, Any] | str | None = None,
+        ema_timescale_epochs: float | None = None,
+        ema_timescale_fraction: float | None = None,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        c = channels
+        self.features = nn.Sequential(
+            nn.Conv2d(1, c, 3, padding=1, bias=False),
+            nn.BatchNorm2d(c),
+            nn.ReLU(),
+            nn.Conv2d(c, 2 * c, 3, padding=1, bias=False),
+            nn.BatchNorm2d(2 * c),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
+        self.head = nn.Sequential(
+            nn.Flatten(),
+            nn.LayerNorm(2 * c * 16),
+            nn.Linear(2 * c * 16, hidden),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, NUM_CLASSES),
+        )
+        self._init_digits_task(NUM_CLASSES)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(images))

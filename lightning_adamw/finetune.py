@@ -17,14 +17,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import lightning as L
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
-from torch.utils.data import DataLoader
 
-from lightning_adamw.demo import DigitsDataModule
+from lightning_adamw.demo import DigitsTask
 from lightning_adamw.mixin import DecoupledWeightDecayMixin
 
 __all__ = ["ViTFineTuner"]
@@ -63,7 +60,7 @@ def _vit(
     return transformers.ViTForImageClassification(config)
 
 
-class ViTFineTuner(DecoupledWeightDecayMixin, L.LightningModule):
+class ViTFineTuner(DecoupledWeightDecayMixin, DigitsTask):
     """ViT image classifier trained with per-depth learning rates (see :func:`lightning_adamw.build_param_groups`).
 
     Args:
@@ -82,6 +79,8 @@ class ViTFineTuner(DecoupledWeightDecayMixin, L.LightningModule):
             below from a config with random weights.
         num_classes, image_size, patch_size, num_channels, hidden_size, depth, num_heads: the network built
             when ``pretrained`` is ``None`` (defaults fit the 8x8 one-channel digits).
+        weight_decay_schedule, ema_timescale_epochs, ema_timescale_fraction: weight decay over time and set by
+            its EMA timescale (see :class:`~lightning_adamw.demo.DigitsClassifier`).
         optimizer, lr_scheduler: callables injected by LightningCLI (``--model.optimizer``): they receive the
             groups, and the lr scales are applied to whatever optimizer they build.
 
@@ -112,6 +111,9 @@ class ViTFineTuner(DecoupledWeightDecayMixin, L.LightningModule):
         hidden_size: int = 32,
         depth: int = 4,
         num_heads: int = 4,
+        weight_decay_schedule: dict[str, Any] | str | None = None,
+        ema_timescale_epochs: float | None = None,
+        ema_timescale_fraction: float | None = None,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
@@ -125,41 +127,7 @@ class ViTFineTuner(DecoupledWeightDecayMixin, L.LightningModule):
         self.model = _vit(
             pretrained, num_classes, image_size, patch_size, num_channels, hidden_size, depth, num_heads
         )
-        self._own_data: DigitsDataModule | None = None
+        self._init_digits_task(num_classes)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(pixel_values=images).logits
-
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        images, labels = batch
-        loss = F.cross_entropy(self(images), labels)
-        self.log("train_loss", loss, prog_bar=True)
-        return loss
-
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        images, labels = batch
-        logits = self(images)
-        self.log("val_loss", F.cross_entropy(logits, labels), prog_bar=True)
-        self.log("val_acc", (logits.argmax(-1) == labels).float().mean(), prog_bar=True)
-
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        images, labels = batch
-        logits = self(images)
-        self.log("test_loss", F.cross_entropy(logits, labels))
-        self.log("test_acc", (logits.argmax(-1) == labels).float().mean())
-
-    # Used only when no data module is given (Lightning prefers a data module's loaders).
-    def _digits(self) -> DigitsDataModule:
-        if self._own_data is None:
-            self._own_data = DigitsDataModule()
-            self._own_data.setup()
-        return self._own_data
-
-    def train_dataloader(self) -> DataLoader:
-        return self._digits().train_dataloader()
-
-    def val_dataloader(self) -> DataLoader:
-        return self._digits().val_dataloader()
-
-    def test_dataloader(self) -> DataLoader:
-        return self._digits().test_dataloader()

@@ -6,8 +6,9 @@ The Lightning shell over :mod:`lightning_adamw.param_groups`. Put the mixin firs
 
 Where settings come from (one rule for every setting, :meth:`DecoupledWeightDecayMixin.adamw_setting`):
 
-1. an attribute of the module that is not ``None`` and not a function (``self.lr = ...``; ``lr`` also as
-   ``learning_rate``). Lightning's tools (``Tuner.lr_find(update_attr=True)``, ``BatchSizeFinder``) write with
+1. an attribute of the module that holds a plain value: a number, bool, string, class, dict, or a list / tuple of
+   those (``self.lr = ...``; ``lr`` also as ``learning_rate``). Tensors, buffers, modules and functions are the
+   model's own state, never a setting (a DDPM noise schedule in the buffer ``betas`` is not AdamW's ``betas``). Lightning's tools (``Tuner.lr_find(update_attr=True)``, ``BatchSizeFinder``) write with
    ``lightning_setattr``, which updates *every* holder that exists (attribute and ``hparams``), so an attribute
    that exists is never older than the hparam it mirrors;
 2. ``self.hparams`` (``save_hyperparameters()``), ``lr`` also as ``learning_rate``;
@@ -41,12 +42,27 @@ from typing import Any, ClassVar
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler, OneCycleLR, ReduceLROnPlateau
 
+from lightning_adamw.mixin_settings import MISSING as _MISSING
+from lightning_adamw.mixin_settings import AdamWSettings
+from lightning_adamw.mixin_weight_decay import (
+    check_decay_options,
+    create_scheduler,
+    decay_from_settings,
+    decay_with_timescale,
+    describe_weight_decay,
+    steps_per_epoch,
+    weight_decay_hparams,
+)
 from lightning_adamw.optim_checks import coupled_l2_message, is_coupled_l2
-from lightning_adamw.optimizer_adoption import adopt, adopt_returned, returned_optimizers, same_value
+from lightning_adamw.optimizer_adoption import (
+    adopt,
+    adopt_returned,
+    install_batch_sync,
+    returned_optimizers,
+)
 from lightning_adamw.optimizer_groups import (
     check_group_hyperparameters,
 )
@@ -59,7 +75,8 @@ from lightning_adamw.param_groups import (
     group_hparams,
     groups_from_decisions,
 )
-from lightning_adamw.schedules import WarmupCosineLR
+from lightning_adamw.schedules import WarmupCosineLR, shorter_schedule_message
+from lightning_adamw.weight_decay import BASE_KEY, TimescaleDecay, WeightDecayScheduler
 
 __all__ = ["DecoupledWeightDecayMixin", "OptimizerFactory", "SchedulerFactory"]
 
@@ -81,14 +98,22 @@ _GROUPING_OPTIONS = (
 # A setting that is itself a callable (name -> depth): read from the instance and hparams, never from a method of
 # the class (a ``layer_id(self, name)`` method is the model hook, which the grouping finds by itself).
 _CALLABLE_OPTIONS = ("layer_id",)
-_LR_SPELLINGS = ("lr", "learning_rate")
-_MISSING = object()
+
+
+def _factory_weight_decay(factory: Any) -> Any:
+    """The ``weight_decay`` an optimizer factory was explicitly given (a ``functools.partial``), or ``None`` when
+    it has none or it cannot be told (the CLI's factories carry the class defaults too: ``lightning-adamw``
+    checks the options given on the command line before anything is built)."""
+    keywords = getattr(factory, "keywords", None)
+    if isinstance(keywords, dict):
+        return keywords.get("weight_decay")
+    return None
 
 
 # ----------------------------------------------------------------------------------------------- the mixin
 
 
-class DecoupledWeightDecayMixin:
+class DecoupledWeightDecayMixin(AdamWSettings):
     """Gives a ``LightningModule`` a ``configure_optimizers`` with decoupled weight decay done right.
 
     Norm weights, biases and other 1-D tensors go to a ``"no_decay"`` group with ``weight_decay=0``; every other
@@ -107,7 +132,12 @@ class DecoupledWeightDecayMixin:
         ``num_layers`` and ``layer_id`` (a callable, read from the instance or ``hparams``; both only with
         ``layer_decay``: per-group learning rates, see :func:`lightning_adamw.build_param_groups`); ``lr_schedule`` (``"constant"`` or
         ``"cosine"``) with ``warmup_steps``, ``min_lr_ratio`` and ``total_steps`` (``None``: the trainer's
-        ``estimated_stepping_batches``) for the built-in warm-up + cosine schedule, stepped every optimizer step.
+        ``estimated_stepping_batches``; an explicit one shorter than that warns) for the built-in warm-up + cosine
+        schedule, stepped every optimizer step; ``weight_decay_schedule`` (a name or a dict with options: a
+        :class:`~lightning_adamw.weight_decay.WeightDecayScheduler`, created after the optimizer and its LR
+        schedule), and ``ema_timescale_epochs`` / ``ema_timescale_fraction`` (λ = 1/(lr·τ) instead of
+        ``weight_decay``; see :mod:`lightning_adamw.mixin_weight_decay`). The table printed at fit start ends with
+        every setting that is not the default and where it came from (:meth:`settings_line`).
 
     An optimizer given to LightningCLI, or injected as ``self.optimizer`` (an ``OptimizerCallable``), receives the
     groups instead; its own ``weight_decay`` applies to the decay group. A scheduler injected as
@@ -123,10 +153,17 @@ class DecoupledWeightDecayMixin:
     optimizer's defaults; a tensor of the module that gets a gradient but is in no optimizer group is named in a
     warning (once), and so are norms / biases that an added group decays.
 
+    Before every training batch (a callback placed first in the trainer), the groups are brought up to date: an lr
+    changed by ``LearningRateFinder`` gets its layer-decay scales and schedule factor back, schedules a resumed
+    checkpoint had no state for start at the step reached, and the weight decay schedule shows the value the
+    step will use; so the first step and every callback (``LearningRateMonitor``) see the values that train.
+
     Raises:
         ValueError: ``lr`` and ``learning_rate`` both set to different values; a non-finite or negative
             ``lr`` / ``weight_decay`` / ``eps`` or ``betas`` outside ``[0, 1)`` in any group of the optimizer,
-            whatever built it; a resumed tensor whose optimizer state has another shape.
+            whatever built it; a resumed tensor whose optimizer state has another shape; ``weight_decay`` given
+            together with ``ema_timescale_*`` (naming both); an invalid ``weight_decay_schedule`` (naming the
+            option); ``"independent"`` with a λ that is not a per-step decay (naming ``weight_decay``).
 
     Example:
         >>> import torch, lightning as L
@@ -149,6 +186,7 @@ class DecoupledWeightDecayMixin:
         "no_decay_patterns": None,
         "decay_patterns": None,
         "extra_norm_types": None,
+        "norm_class_pattern": None,
         "use_model_hooks": True,
         "include_frozen": False,
         "group_overrides": None,
@@ -161,6 +199,9 @@ class DecoupledWeightDecayMixin:
         "total_steps": None,
         "lr_scheduler_interval": None,
         "print_param_groups": True,
+        "weight_decay_schedule": None,
+        "ema_timescale_epochs": None,
+        "ema_timescale_fraction": None,
     }
 
     # Set by lightning_adamw.cli.AdamWCLI when the optimizer / scheduler were given at top level.
@@ -184,69 +225,18 @@ class DecoupledWeightDecayMixin:
         def configure_optimizers(self: Any, *args: Any, **kw: Any) -> Any:
             result = own(self, *args, **kw)
             adopt_returned(self, result)
+            source = "weight_decay" if self.setting_given("weight_decay") else None
             for optimizer in (o for o in returned_optimizers(result) if isinstance(o, Optimizer)):
                 check_lr_scales(optimizer)  # e.g. OneCycleLR(max_lr=one value) over layer-decayed groups
+                # `weight_decay_schedule`, after the adoption; said in one line, as the mixin's own table does
+                scheduler = create_scheduler(self, optimizer, source)
+                if scheduler is not None and self.adamw_setting("weight_decay_schedule") is not None:
+                    rank_zero_info(f"lightning-adamw: {scheduler.describe()}")
+            install_batch_sync(self)
             return result
 
         configure_optimizers._lightning_adamw_wrapped = True  # type: ignore[attr-defined]
         cls.configure_optimizers = configure_optimizers  # type: ignore[method-assign]
-
-    # ------------------------------------------------------------------------------------------- settings
-
-    def adamw_setting(self, name: str, default: Any = _MISSING) -> Any:
-        """A setting: the module's attribute, then ``self.hparams``, then ``default`` / :attr:`adamw_defaults`.
-
-        An attribute counts when it is not ``None`` and not a function or bound method (an injected
-        ``OptimizerCallable`` is not a setting; a class, as in ``extra_norm_types``, is). ``lr`` is also read
-        under its alias ``learning_rate`` (the LR finder's second spelling).
-
-        Raises:
-            ValueError: ``lr`` and ``learning_rate`` are both set and differ (the message names both).
-        """
-        if name == "lr":
-            return self._lr_setting(default)
-        value = self._attribute_setting(name)
-        if value is not _MISSING:
-            return value
-        hparams = getattr(self, "hparams", None)
-        if hparams is not None and name in hparams:
-            return hparams[name]
-        if default is not _MISSING:
-            return default
-        return self.adamw_defaults[name]
-
-    def _attribute_setting(self, name: str) -> Any:
-        try:
-            value = getattr(self, name)
-        except AttributeError:
-            return _MISSING
-        if value is None or isinstance(value, nn.Module):
-            return _MISSING
-        if callable(value) and not isinstance(value, type):
-            return _MISSING
-        return value
-
-    def _lr_setting(self, default: Any) -> Any:
-        hparams = getattr(self, "hparams", None)
-        attributes = {s: v for s in _LR_SPELLINGS if (v := self._attribute_setting(s)) is not _MISSING}
-        stored = {s: hparams[s] for s in _LR_SPELLINGS if hparams is not None and hparams.get(s) is not None}
-        # Per spelling the attribute wins; across spellings the two must agree.
-        where = {s: f"self.{s}" if s in attributes else f"self.hparams.{s}" for s in {*attributes, *stored}}
-        value = {**stored, **attributes}
-        if len(value) == 2 and not same_value(value["lr"], value["learning_rate"]):
-            raise ValueError(
-                f"the module sets the learning rate twice, `{where['lr']}`={value['lr']!r} and "
-                f"`{where['learning_rate']}`={value['learning_rate']!r}: DecoupledWeightDecayMixin reads `lr` and "
-                "its alias `learning_rate` and cannot tell which one is meant (Lightning's LR finder writes to `lr` "
-                "when it exists). Keep one spelling."
-            )
-        for source in (attributes, stored):
-            for spelling in _LR_SPELLINGS:
-                if spelling in source:
-                    return source[spelling]
-        if default is not _MISSING:
-            return default
-        return self.adamw_defaults["lr"]
 
     def grouping_options(self) -> dict[str, Any]:
         """The options this module passes to :func:`~lightning_adamw.build_param_groups`."""
@@ -276,9 +266,12 @@ class DecoupledWeightDecayMixin:
     ) -> list[dict[str, Any]]:
         """The decay / no-decay groups of this module, for a ``configure_optimizers`` of your own.
 
-        ``weight_decay`` defaults to the module's setting; pass ``None`` to let the optimizer's default apply.
+        ``weight_decay`` defaults to the module's setting (or the λ its ``ema_timescale_epochs`` /
+        ``ema_timescale_fraction`` gives at ``lr``, else at the module's ``lr``); pass ``None`` to let the
+        optimizer's default apply. A ``weight_decay_schedule`` setting is applied to the optimizer you return.
         With ``layer_decay`` or ``group_overrides`` that scale the lr, pass the optimizer's ``lr`` too: each group
-        then carries ``lr * lr_scale`` (a torch optimizer ignores ``lr_scale``; without ``lr`` that is an error).
+        then carries ``lr * lr_scale`` (a torch optimizer ignores ``lr_scale``; without ``lr`` that is an error
+        that says so).
         The optimizer you build from them and return from ``configure_optimizers`` gets the same checks and
         resume rules as the mixin's own.
 
@@ -288,8 +281,20 @@ class DecoupledWeightDecayMixin:
                 return torch.optim.AdamW(self.decoupled_param_groups(), lr=self.hparams.lr, betas=(0.9, 0.95))
         """
         if weight_decay is _MISSING:
-            weight_decay = self.adamw_setting("weight_decay")
+            decay = decay_from_settings(self, float(lr if lr is not None else self.adamw_setting("lr")))
+            weight_decay = decay.weight_decay if decay is not None else self.adamw_setting("weight_decay")
         decisions = self._classify()
+        scaled = sorted({f"{d.group} x{d.lr_scale:g}" for d in decisions if d.lr_scale != 1.0})
+        if scaled and lr is None:
+            # Choosing an lr here (the module's) would override the one given to the optimizer without a word.
+            raise ValueError(
+                f"`layer_decay` / `group_overrides` give these groups their own lr scale ({', '.join(scaled[:4])}"
+                f"{', ...' if len(scaled) > 4 else ''}), which a torch optimizer cannot apply by itself: call "
+                "`self.decoupled_param_groups(lr=<the lr you give the optimizer>)` so that each group carries "
+                "lr * lr_scale before your optimizer and scheduler are built, e.g. `lr = self.hparams.lr; return "
+                "torch.optim.AdamW(self.decoupled_param_groups(lr=lr), lr=lr)`; or drop your configure_optimizers "
+                "and let DecoupledWeightDecayMixin build the optimizer"
+            )
         groups = groups_from_decisions(self, decisions, weight_decay, lr=lr)  # type: ignore[arg-type]
         self._report_groups(decisions, weight_decay, groups)
         return groups
@@ -315,20 +320,29 @@ class DecoupledWeightDecayMixin:
         return groups, decisions
 
     def _report_groups(
-        self, decisions: list[ParamDecision], weight_decay: float | None, groups: list[dict[str, Any]]
+        self,
+        decisions: list[ParamDecision],
+        weight_decay: float | None,
+        groups: list[dict[str, Any]],
+        extra: list[str] | None = None,
+        extra_hparams: dict[str, Any] | None = None,
     ) -> None:
         """Print the table once (rank 0) and log each group's size, lr scale, weight decay and depth.
 
-        ``groups`` may be an optimizer's param_groups, so the decay logged is the one the optimizer really holds;
-        ``weight_decay`` is the decay that groups without their own setting get (the optimizer's default)."""
+        ``groups`` may be an optimizer's param_groups, so the decay logged is the one the optimizer really holds
+        (a scheduled group's base decay λ, ``base_weight_decay``); ``weight_decay`` is the decay that groups
+        without their own setting get (the optimizer's default). ``extra``: lines printed under the table (where
+        each setting came from, the schedules)."""
         trainer = getattr(self, "_trainer", None)
         if trainer is None or getattr(self, "_lightning_adamw_reported", False):
             return
         self._lightning_adamw_reported = True
         if self.adamw_setting("print_param_groups"):
             table = describe_param_groups(decisions=decisions, weight_decay=weight_decay)
-            rank_zero_info(f"lightning-adamw parameter groups:\n{table}")
-        hparams = group_hparams(groups, decisions)
+            lines = "".join(f"\n{line}" for line in extra or () if line)
+            rank_zero_info(f"lightning-adamw parameter groups:\n{table}{lines}")
+        shown = [{**g, "weight_decay": g[BASE_KEY]} if BASE_KEY in g else g for g in groups]
+        hparams = {**group_hparams(shown, decisions), **(extra_hparams or {})}
         for logger in trainer.loggers:
             logger.log_hyperparams(hparams)
 
@@ -368,14 +382,13 @@ class DecoupledWeightDecayMixin:
                 return injected
         return None
 
-    def _default_optimizer(self, groups: list[dict[str, Any]]) -> Optimizer:
+    def _default_optimizer(self, groups: list[dict[str, Any]], weight_decay: float | None) -> Optimizer:
         params = [p for g in groups for _, p in g["params"]]
         kwargs: dict[str, Any] = {
             "lr": float(self.adamw_setting("lr")),
             "betas": tuple(self.adamw_setting("betas")),
             "eps": float(self.adamw_setting("eps")),
         }
-        weight_decay = self.adamw_setting("weight_decay")
         if weight_decay is not None:
             # Also the default of groups added later with add_param_group (torch's own default is 0.01).
             kwargs["weight_decay"] = float(weight_decay)
@@ -404,27 +417,38 @@ class DecoupledWeightDecayMixin:
         )
 
     def configure_optimizers(self) -> dict[str, Any]:
-        """Build the groups, the optimizer and (optionally) a step-interval scheduler."""
+        """Build the groups, the optimizer, (optionally) a step-interval scheduler and a weight decay schedule."""
         factory = self._optimizer_factory()
+        check_decay_options(self)  # both a timescale and weight_decay: an error before anything is built
         lr_setting: float | None = None
+        decay: TimescaleDecay | None = None
         if factory is None:
-            groups, decisions = self._groups_and_decisions()
-            optimizer = self._default_optimizer(groups)
             lr_setting = float(self.adamw_setting("lr"))
+            decay = decay_from_settings(self, lr_setting)
+            weight_decay = decay.weight_decay if decay is not None else self.adamw_setting("weight_decay")
+            decay_source = (
+                decay.source
+                if decay is not None
+                else ("weight_decay" if self.setting_given("weight_decay") else None)
+            )
+            groups, decisions = self._groups_and_decisions(weight_decay)
+            optimizer = self._default_optimizer(groups, weight_decay)
         else:
             # The optimizer's own weight_decay (from YAML / command line) applies to the decay group.
             groups, decisions = self._groups_and_decisions(weight_decay=None)
+            took_default = ["weight_decay" not in g for g in groups]
             optimizer = factory(groups)
             if not isinstance(optimizer, Optimizer):
                 raise TypeError(
                     f"the optimizer callable returned {type(optimizer).__name__}, not a torch Optimizer"
                 )
             self._check_groups_survived(optimizer, groups)
+            decay = self._timescale_for_factory(factory, optimizer, took_default)
+            decay_source = decay.source if decay is not None else "optimizer"
         # Layer decay and overrides: each group's lr (and a deferred weight_decay_scale) times its scale, on
         # whatever optimizer was built, before any scheduler records the groups' starting lr.
         apply_lr_scales(optimizer)
         check_group_hyperparameters(optimizer.param_groups, type(optimizer).__name__)
-        self._report_groups(decisions, optimizer.defaults.get("weight_decay"), optimizer.param_groups)
         self._warn_if_coupled(optimizer)
 
         scheduler_factory = self._scheduler_factory()
@@ -434,13 +458,99 @@ class DecoupledWeightDecayMixin:
             else self._built_in_scheduler(optimizer)
         )
         if scheduler is not None:
-            self._fill_total_steps(scheduler)
+            self._fill_total_steps(scheduler, built_in=scheduler_factory is None)
             check_lr_scales(optimizer)  # OneCycleLR / CyclicLR with one max_lr would drop the scales
         inner = scheduler.get("scheduler") if isinstance(scheduler, dict) else scheduler
         adopt(self, optimizer, [inner] if inner is not None else [], lr_setting)
+        # After the adoption: its step pre-hook may change an lr (LR finder, resume), and the weight decay
+        # schedule's pre-hook must see the final one (torch runs pre-hooks in registration order).
+        wd_scheduler = create_scheduler(self, optimizer, decay_source)
+        install_batch_sync(self)
+        if (
+            decay is None and wd_scheduler is not None
+        ):  # an explicit λ under a schedule: show its timescale too
+            base_lr = lr_setting if lr_setting is not None else float(optimizer.defaults.get("lr", 0.0))
+            decay = decay_with_timescale(self, base_lr, optimizer.defaults.get("weight_decay"))
+        self._report_groups(
+            decisions,
+            optimizer.defaults.get("weight_decay"),
+            optimizer.param_groups,
+            self._report_lines(
+                factory is None,
+                scheduler_factory is None and inner is not None,
+                optimizer,
+                wd_scheduler,
+                decay,
+            ),
+            weight_decay_hparams(wd_scheduler, decay),
+        )
         if scheduler is None:
             return {"optimizer": optimizer}
         return {"optimizer": optimizer, "lr_scheduler": self._scheduler_config(scheduler)}
+
+    def _timescale_for_factory(
+        self, factory: Any, optimizer: Optimizer, took_default: list[bool]
+    ) -> TimescaleDecay | None:
+        """``ema_timescale_*`` with an optimizer given by class: λ from that optimizer's lr, on the groups that
+        took its default ``weight_decay`` (and as its default, for groups added later)."""
+        if check_decay_options(self) not in ("ema_timescale_epochs", "ema_timescale_fraction"):
+            return None
+        own = _factory_weight_decay(factory)
+        if own is not None:
+            option = (
+                "ema_timescale_epochs"
+                if self.adamw_setting("ema_timescale_epochs") is not None
+                else ("ema_timescale_fraction")
+            )
+            raise ValueError(
+                f"`{option}` and the optimizer's own `weight_decay`={own!r} ({factory!r}) are both given: they are "
+                "two ways to set the same decay (λ = 1/(lr·τ)); remove the optimizer's weight_decay, or the "
+                "timescale"
+            )
+        decay = decay_from_settings(self, float(optimizer.defaults["lr"]))
+        assert decay is not None
+        for group, default in zip(optimizer.param_groups, took_default, strict=False):
+            if default:  # a decay group (no_decay groups carry their 0 explicitly)
+                group["weight_decay"] = decay.weight_decay
+        optimizer.defaults["weight_decay"] = decay.weight_decay
+        return decay
+
+    def _report_lines(
+        self,
+        own_optimizer: bool,
+        own_schedule: bool,
+        optimizer: Optimizer,
+        wd_scheduler: WeightDecayScheduler | None,
+        decay: TimescaleDecay | None,
+    ) -> list[str]:
+        """Under the table: the settings that are not the default and where each came from, then the weight
+        decay schedule and timescale (see :func:`~lightning_adamw.mixin_weight_decay.describe_weight_decay`)."""
+        names: tuple[str, ...] = (
+            *_GROUPING_OPTIONS,
+            "weight_decay_schedule",
+            "ema_timescale_epochs",
+            "ema_timescale_fraction",
+        )
+        if own_optimizer:
+            names = ("lr", "weight_decay", "betas", "eps", *names)
+        if own_schedule:
+            names = (*names, "lr_schedule", "warmup_steps", "min_lr_ratio", "total_steps")
+        lines = []
+        line = self.settings_line(names)
+        if line:
+            lines.append(f"settings: {line}")
+        if wd_scheduler is not None or decay is not None:
+            trainer = getattr(self, "_trainer", None)
+            text = describe_weight_decay(
+                optimizer,
+                wd_scheduler,
+                decay,
+                steps_per_epoch(trainer, self),
+                self._estimated_total_steps(),
+            )
+            if text:
+                lines.append(text)
+        return lines
 
     def _check_groups_survived(self, optimizer: Optimizer, groups: list[dict[str, Any]]) -> None:
         names = [g.get("name") for g in optimizer.param_groups]
@@ -456,12 +566,20 @@ class DecoupledWeightDecayMixin:
             self._lightning_adamw_warned_l2 = True
             rank_zero_warn(coupled_l2_message(optimizer), category=UserWarning)
 
-    def _fill_total_steps(self, scheduler: Any) -> None:
-        if not isinstance(scheduler, WarmupCosineLR) or scheduler.total_steps is not None:
+    def _fill_total_steps(self, scheduler: Any, built_in: bool = False) -> None:
+        """A ``WarmupCosineLR`` without ``total_steps`` runs over the trainer's planned steps; one whose explicit
+        ``total_steps`` is shorter than them warns (the lr would sit at its floor for the rest of the run)."""
+        if not isinstance(scheduler, WarmupCosineLR):
             return
-        total = self._estimated_total_steps()
-        if total is not None:
-            scheduler.set_total_steps(total)
+        planned = self._estimated_total_steps()
+        if scheduler.total_steps is not None:
+            where = f"{self.setting_source('total_steps')}" if built_in else "the scheduler's own argument"
+            message = shorter_schedule_message(scheduler, planned, where)
+            if message:
+                rank_zero_warn(f"lightning-adamw: {message}", category=UserWarning)
+            return
+        if planned is not None:
+            scheduler.set_total_steps(planned)
             scheduler.__dict__["_lightning_adamw_auto_total"] = (
                 True  # filled from the trainer: may be refreshed
             )

@@ -8,7 +8,6 @@ The numbers are computed by :mod:`lightning_adamw.update_split`; this module is 
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Any
 
@@ -19,18 +18,29 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
+from lightning_adamw.monitor_loggers import (
+    define_wandb_metrics,
+    figure_dir,
+    log_figure,
+    log_histograms,
+    prepare_figure,
+)
+from lightning_adamw.monitor_messages import (
+    COUNTER_PREFIX,
+    duplicate_names_messages,
+    generic_optimizer_message,
+    timescale_facts,
+    w_old_unknown_message,
+)
+from lightning_adamw.monitor_plot import FigureWriter
+from lightning_adamw.monitor_trainer import distribution_mode, steps_per_epoch, total_steps
 from lightning_adamw.optim_checks import is_adam_family
 from lightning_adamw.update_split import (
     KIND_PREFIX,
-    W_OLD_MAX_RELATIVE_ERROR,
     GroupSplit,
+    PlanCache,
     ShardReduce,
     UpdateSplit,
-    dtensor_weight,
-    group_label,
-    group_labels,
-    layer_labels,
-    param_labels,
     take_snapshot,
     update_split,
 )
@@ -38,16 +48,19 @@ from lightning_adamw.update_split import (
 __all__ = ["WeightDecayMonitor"]
 
 # Metrics kept (per group) for the summary figure and restored from checkpoints.
+# ("lr": the group's learning rate, so that the figure can shade the schedule's cooldown)
 _PLOTTED: dict[str, tuple[str, ...]] = {
-    "adamw": ("decay_norm", "grad_update_norm", "decay_to_grad_ratio"),
+    "adamw": ("decay_norm", "grad_update_norm", "decay_to_grad_ratio", "grad_to_weight", "lr"),
     "adam_l2": (
         "eff_decay_rate_min",
         "eff_decay_rate_median",
         "eff_decay_rate_max",
         "uniform_decay_rate",
         "l2_grad_share",
+        "grad_to_weight",
+        "lr",
     ),
-    "generic": ("update_norm", "weight_norm"),
+    "generic": ("update_norm", "weight_norm", "grad_to_weight", "equilibrium_grad_to_weight", "lr"),
 }
 # Per-layer quantity whose distribution over the layers of a group is logged as a histogram.
 _HISTOGRAM_METRIC: dict[str, str] = {
@@ -55,8 +68,7 @@ _HISTOGRAM_METRIC: dict[str, str] = {
     "adam_l2": "l2_grad_share",
     "generic": "update_to_weight",
 }
-_COUNTER_PREFIX = "adamw"
-_IMAGE_KEY = "adamw/summary"
+_FIGURE_TITLE = "WeightDecayMonitor: decay vs gradient update"
 
 
 class WeightDecayMonitor(Callback):
@@ -115,9 +127,15 @@ class WeightDecayMonitor(Callback):
     ``equilibrium_weight_norm``         :math:`\sqrt{\eta C / (2\lambda)}`, C = number of elements (same paper)
     ``ema_timescale_steps``             :math:`1/(\eta\lambda)` (Wang & Aitchison, 2024)
     ``ema_timescale_epochs``            ``ema_timescale_steps`` / optimizer steps per epoch
+    ``ema_timescale_fraction``          :math:`1/(\eta_{peak}\lambda)` / planned optimizer steps: the timescale at
+                                        the group's peak lr as a share of the run (what the mixin's
+                                        ``ema_timescale_fraction`` sets); with a warning once when above 1 or
+                                        below one epoch
+    ``base_weight_decay``               λ of a group a ``WeightDecayScheduler`` follows (``weight_decay`` is
+                                        then the value of the step)
     ==================================  ===================================================================
 
-    The last four are left out when ``weight_decay == 0``. Groups, and tensors, sum their squared norms and dot
+    The last six are left out when ``weight_decay == 0``. Groups, and tensors, sum their squared norms and dot
     products before the roots are taken, so a group's norm is the norm of all its tensors together.
     With ``per_layer=True`` the same metrics (except the equilibrium angle and timescales, which depend only on
     the group's ``lr`` and ``weight_decay``) are logged per tensor under ``adamw_layer/<param>/``.
@@ -243,7 +261,19 @@ class WeightDecayMonitor(Callback):
         self._last_nonfinite_step = -1
         self._last_unknown_step = -1
         self._warned: set[str] = set()
+        self._timescale_metrics: dict[int, dict[str, float]] = {}
+        self._last_metrics_step = -1
         self._disabled = False
+        #: the plans of this monitor's optimizers (layouts reused from one logging step to the next), and the
+        #: backends that failed at run time (a Triton that cannot compile here)
+        self._plans = PlanCache()
+        #: draws the summary figure off the training thread; ``_history_version`` counts the points recorded,
+        #: so a figure drawn early is known to be final; ``_total_steps``: the optimizer steps this fit will take
+        #: (``None`` when not known in advance)
+        self._figure = FigureWriter()
+        self._history_version = 0
+        self._total_steps: int | None = None
+        self._figure_step = 0
         #: ``step_offset`` + steps taken, at the end of the last fit
         self._fit_end = 0
         #: set by ``load_state_dict`` (a resumed fit), consumed by ``on_train_start``
@@ -262,7 +292,7 @@ class WeightDecayMonitor(Callback):
         self._remove_hooks()
         self._trainer = trainer
         self._disabled = False
-        self._last_nonfinite_step = self._last_unknown_step = -1
+        self._last_nonfinite_step = self._last_unknown_step = self._last_metrics_step = -1
         self._start_fit(self._step_index(trainer))
         # Trainer(log_every_n_steps=0) switches Lightning's own logging off; the monitor then keeps its default.
         self._interval = self.log_every_n_steps or int(trainer.log_every_n_steps) or 50
@@ -270,9 +300,15 @@ class WeightDecayMonitor(Callback):
             self._hist_interval = 10 * self._interval
         else:
             self._hist_interval = self.histogram_every_n_steps
-        self._steps_per_epoch = _steps_per_epoch(trainer, pl_module)
+        self._steps_per_epoch = steps_per_epoch(trainer, pl_module)
         self._manual = not pl_module.automatic_optimization
-        self._mode, self._reduce = _distribution_mode(trainer)
+        self._total_steps = None
+        self._figure = FigureWriter()  # (a figure of an interrupted fit, never sent, is not this fit's)
+        if self.plot and trainer.is_global_zero:
+            # matplotlib's import and fonts cost more than a short fit's monitoring: done while it trains
+            self._figure.warm_up()
+            self._total_steps = total_steps(trainer, self._manual)
+        self._mode, self._reduce = distribution_mode(trainer)
         if not trainer.loggers:
             self._warn_once(
                 "no-logger",
@@ -282,30 +318,49 @@ class WeightDecayMonitor(Callback):
         optimizers = list(trainer.optimizers)
         self._num_optimizers = len(optimizers)
         for k, optimizer in enumerate(optimizers):
-            self._warn_duplicate_names(k, optimizer)
+            for key, message in duplicate_names_messages(k, optimizer, len(optimizers), self.per_layer):
+                self._warn_once(key, message)
             if not is_adam_family(optimizer):
                 name = type(optimizer).__name__
-                self._warn_once(
-                    f"generic-{name}",
-                    f"WeightDecayMonitor: {name} has no Adam state (exp_avg/exp_avg_sq) to split into decay and"
-                    " gradient parts; logging only optim/<group>/{update_norm, weight_norm, update_to_weight,"
-                    " angular_update}, measured from a copy of the weights taken on logging steps.",
-                )
+                self._warn_once(f"generic-{name}", generic_optimizer_message(optimizer))
                 self._handles.append(optimizer.register_step_pre_hook(self._make_pre_hook(k)))
             self._handles.append(optimizer.register_step_post_hook(self._make_post_hook(k)))
+        self._timescale_metrics, messages = timescale_facts(
+            optimizers, total_steps(trainer, self._manual), self._steps_per_epoch
+        )
+        for key, message in messages if trainer.is_global_zero else []:
+            self._warn_once(key, message)
         if trainer.is_global_zero:
-            self._define_wandb_metrics(trainer)
+            define_wandb_metrics(trainer.loggers, KIND_PREFIX.values())
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        # After the last step this fit records, the figure's data is final: draw it now, in the background,
+        # while the training thread runs the remaining steps.
+        total = self._total_steps
+        if total is None or self._figure.submitted == self._history_version or not self.history:
+            return
+        done = trainer.global_step
+        intervals = [i for i in (self._interval, self._hist_interval) if i > 0]
+        if all(total // i == done // i for i in intervals):
+            self._submit_figure(trainer)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove_hooks()
         self._fit_end = self.step_offset + self._step_index(trainer)
         if self.plot and trainer.is_global_zero and self.history:
-            self._write_figure(trainer)
+            self._figure_step = trainer.global_step
+            if self._figure.submitted != self._history_version:
+                self._submit_figure(trainer)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._remove_hooks()
+        # (before Lightning finalizes the loggers, which comes right after the callbacks' teardown)
+        self._log_figure(trainer)
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -402,6 +457,7 @@ class WeightDecayMonitor(Callback):
                     steps_per_epoch=self._steps_per_epoch,
                     chunk_numel=self.chunk_numel,
                     reduce=self._reduce,
+                    cache=self._plans,
                 )
             except Exception as err:
                 if self._mode == "sharded":
@@ -436,7 +492,7 @@ class WeightDecayMonitor(Callback):
                 "nonfinite",
                 f"WeightDecayMonitor: NaN/inf weights or updates in {len(nonfinite)} tensor(s) at step {step}"
                 f" (first: {nonfinite[0]}); their metrics are left out and counted in"
-                f" {_COUNTER_PREFIX}/nonfinite_steps.",
+                f" {COUNTER_PREFIX}/nonfinite_steps.",
             )
         unknown = split.w_old_unknown
         if unknown:
@@ -444,17 +500,23 @@ class WeightDecayMonitor(Callback):
                 self.w_old_unknown_steps += 1
                 self._last_unknown_step = step
             for group in unknown:
-                self._warn_w_old_unknown(f"{label}{group.name}", group, step)
+                self._warn_once(*w_old_unknown_message(f"{label}{group.name}", group, step))
         metrics = split.metrics(per_layer=self.per_layer, label_prefix=label)
-        metrics[f"{_COUNTER_PREFIX}/nonfinite_tensors"] = float(len(nonfinite))
-        metrics[f"{_COUNTER_PREFIX}/nonfinite_steps"] = float(self.nonfinite_steps)
-        metrics[f"{_COUNTER_PREFIX}/w_old_unknown_steps"] = float(self.w_old_unknown_steps)
+        metrics[f"{COUNTER_PREFIX}/nonfinite_tensors"] = float(len(nonfinite))
+        metrics[f"{COUNTER_PREFIX}/nonfinite_steps"] = float(self.nonfinite_steps)
+        metrics[f"{COUNTER_PREFIX}/w_old_unknown_steps"] = float(self.w_old_unknown_steps)
         for group in split.groups:
             self._record(f"{group.prefix}/{label}{group.name}", group, step)
         if not log:
             metrics = {}
         else:
-            self.last_metrics = metrics
+            metrics.update(self._timescale_metrics.get(k, {}))
+            # several optimizers stepping in one batch log at one step: keep all of theirs
+            if step == self._last_metrics_step:
+                self.last_metrics.update(metrics)
+            else:
+                self.last_metrics = dict(metrics)
+            self._last_metrics_step = step
         if not trainer.is_global_zero:
             return
         if metrics:
@@ -466,12 +528,14 @@ class WeightDecayMonitor(Callback):
     def _record(self, key: str, group: GroupSplit, step: int) -> None:
         series = self.history.setdefault(key, {})
         x = float(step + self.step_offset)
+        values = {**group.metrics, "lr": group.lr} if group.metrics else {}  # (a non-finite step: no points)
         for name in _PLOTTED[group.kind]:
-            if name in group.metrics:
+            if name in values:
                 points = series.setdefault(name, [])
                 if points and points[-1][0] >= x:
                     continue  # a hook that fired twice for one step (e.g. LBFGS-style step) records it once
-                points.append([x, group.metrics[name]])
+                points.append([x, values[name]])
+                self._history_version += 1
 
     def _log_histograms(self, trainer: pl.Trainer, split: UpdateSplit, label: str, step: int) -> None:
         values: dict[str, list[float]] = {}
@@ -480,60 +544,35 @@ class WeightDecayMonitor(Callback):
             data = [t.metrics[name] for t in group.tensors if name in t.metrics]
             if data:
                 values[f"{KIND_PREFIX[group.kind]}_hist/{label}{group.name}/{name}"] = data
-        if not values:
-            return
-        for logger in trainer.loggers:
-            if _is_wandb(logger):
-                import wandb
+        if values:
+            log_histograms(trainer.loggers, values, step)
 
-                logger.experiment.log(
-                    {
-                        **{key: wandb.Histogram(data) for key, data in values.items()},
-                        "trainer/global_step": step,
-                    }
-                )
-            elif _is_tensorboard(logger):
-                import numpy as np
-
-                for key, data in values.items():
-                    logger.experiment.add_histogram(key, np.asarray(data, dtype=np.float64), global_step=step)
-
-    def _define_wandb_metrics(self, trainer: pl.Trainer) -> None:
-        for logger in trainer.loggers:
-            if not _is_wandb(logger):
-                continue
-            define = getattr(logger.experiment, "define_metric", None)
-            if define is None:
-                continue
-            # Charts of these metrics use the trainer step as x axis (not W&B's internal call counter).
-            prefix = f"{logger._prefix}{logger.LOGGER_JOIN_CHAR}" if getattr(logger, "_prefix", "") else ""
-            define("trainer/global_step")
-            for kind_prefix in sorted({*KIND_PREFIX.values()}):
-                for suffix in ("", "_layer", "_hist"):
-                    define(f"{prefix}{kind_prefix}{suffix}/*", step_metric="trainer/global_step")
-
-    def _write_figure(self, trainer: pl.Trainer) -> None:
-        from lightning_adamw.monitor_plot import plot_history
-
+    def _submit_figure(self, trainer: pl.Trainer) -> None:
+        """Draw the summary figure of the history so far in the background (see :class:`FigureWriter`)."""
         # a relative plot_filename (also "plots/wd.png") goes under the log directory, an absolute one as given
-        path = os.path.join(_figure_dir(trainer), os.path.expanduser(self.plot_filename))
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        fig = plot_history(
-            self.history, title="WeightDecayMonitor: decay vs gradient update", fit_starts=self.fit_starts
+        path = os.path.join(figure_dir(trainer), os.path.expanduser(self.plot_filename))
+        history = {k: {m: [list(p) for p in pts] for m, pts in v.items()} for k, v in self.history.items()}
+        self._figure.submit(
+            history,
+            path,
+            version=self._history_version,
+            title=_FIGURE_TITLE,
+            fit_starts=list(self.fit_starts),
+            prepare=prepare_figure(trainer.loggers),
         )
-        fig.savefig(path, dpi=100)
-        self.figure_path = path
-        last_step = trainer.global_step
-        for logger in trainer.loggers:
-            try:
-                if _is_wandb(logger):
-                    logger.log_image(key=_IMAGE_KEY, images=[path], step=last_step)
-                elif _is_tensorboard(logger):
-                    logger.experiment.add_figure(_IMAGE_KEY, fig, global_step=last_step, close=False)
-            except Exception as err:  # a logger refusing an image must not fail the end of training
-                self._warn_once(
-                    f"image-{type(logger).__name__}", f"WeightDecayMonitor: could not log figure: {err!r}"
-                )
+
+    def _log_figure(self, trainer: pl.Trainer) -> None:
+        """Wait for the figure being drawn, if any, and send it to the loggers."""
+        try:
+            figure = self._figure.result()
+        except Exception as err:
+            self._warn_once("figure", f"WeightDecayMonitor: could not write the summary figure: {err!r}")
+            return
+        finally:
+            self._figure.submitted = None
+        if figure is not None:
+            self.figure_path = figure.path
+            log_figure(trainer.loggers, figure, self._figure_step, self._warn_once)
 
     # ----------------------------------------------------------------------------------------------------------
     # Helpers
@@ -544,134 +583,7 @@ class WeightDecayMonitor(Callback):
         self._handles = []
         self._snapshots = {}
 
-    def _warn_duplicate_names(self, k: int, optimizer: torch.optim.Optimizer) -> None:
-        """Say in plain words how groups and tensors with the same names are told apart in the metric keys."""
-        groups = optimizer.param_groups
-        where = (
-            f"optimizer {k} ({type(optimizer).__name__})"
-            if self._num_optimizers > 1
-            else type(optimizer).__name__
-        )
-        prefix = f"opt{k}." if self._num_optimizers > 1 else ""
-        raw = [group_label(g, i) for i, g in enumerate(groups)]
-        labels = group_labels(groups)
-        if raw != labels:
-            renamed = ", ".join(
-                f"group {i} '{r}' as '{prefix}{u}'"
-                for i, (r, u) in enumerate(zip(raw, labels, strict=True))
-                if raw.count(r) > 1
-            )
-            self._warn_once(
-                f"duplicate-groups-{k}",
-                f"WeightDecayMonitor: {where} has several parameter groups with the same name"
-                f" ({sorted({r for r in raw if raw.count(r) > 1})}); they are logged apart, {renamed}"
-                " (e.g. adamw/<label>/decay_norm). Lightning's LearningRateMonitor refuses duplicate group"
-                " names: give each group its own 'name', e.g. build the groups of each part with"
-                ' `build_param_groups(self.backbone, weight_decay, group_prefix="backbone")`.',
-            )
-        if not self.per_layer:
-            return
-        names = [param_labels(g, i, label=labels[i]) for i, g in enumerate(groups)]
-        pairs = [
-            (n, key)
-            for ns, ks in zip(names, layer_labels(groups), strict=True)
-            for n, key in zip(ns, ks, strict=True)
-            if key != n
-        ]
-        if pairs:
-            qualified = sorted({n for n, _ in pairs})
-            shown = ", ".join(qualified[:5]) + (
-                f" and {len(qualified) - 5} more" if len(qualified) > 5 else ""
-            )
-            self._warn_once(
-                f"duplicate-tensors-{k}",
-                f"WeightDecayMonitor: tensor names {shown} appear in more than one parameter group of {where};"
-                " their per-layer metrics are logged under the group's label,"
-                f" <prefix>_layer/{prefix}<group>/<name>/<metric> (e.g. adamw_layer/{prefix}{pairs[0][1]}"
-                "/decay_norm).",
-            )
-
-    def _warn_w_old_unknown(self, label: str, group: GroupSplit, step: int) -> None:
-        q = 1.0 - group.lr * group.weight_decay
-        self._warn_once(
-            f"w-old-{label}",
-            f"WeightDecayMonitor: group '{label}' has lr = {group.lr:g} and weight_decay = {group.weight_decay:g}"
-            f" at step {step}, so AdamW multiplied its weights by 1 - lr*weight_decay = {q:.3g}: the weights"
-            " before the step cannot be recovered from the optimizer state to better than"
-            f" {W_OLD_MAX_RELATIVE_ERROR:.1%} in the parameters' precision. decay_norm, decay_to_grad_ratio,"
-            " update_norm, update_to_weight, cos_grad_update_weight and angular_update are left out for this"
-            f" group while this lasts (logging steps counted in {_COUNTER_PREFIX}/w_old_unknown_steps);"
-            " grad_update_norm, weight_norm and uniform_decay_rate are still logged. lr*weight_decay near 1"
-            " wipes out the weights at every step: check the learning rate and weight_decay.",
-        )
-
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
             rank_zero_warn(message, category=UserWarning)
-
-
-def _is_wandb(logger: Any) -> bool:
-    from lightning.pytorch.loggers import WandbLogger
-
-    return isinstance(logger, WandbLogger)
-
-
-def _is_tensorboard(logger: Any) -> bool:
-    from lightning.pytorch.loggers import TensorBoardLogger
-
-    return isinstance(logger, TensorBoardLogger)
-
-
-def _figure_dir(trainer: pl.Trainer) -> str:
-    # Same choice as `trainer.log_dir`, without its broadcast (this runs on rank zero only).
-    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-
-    if trainer.loggers:
-        logger = trainer.loggers[0]
-        directory = logger.log_dir if isinstance(logger, (CSVLogger, TensorBoardLogger)) else logger.save_dir
-        if directory:
-            return str(directory)
-    return str(trainer.default_root_dir)
-
-
-def _steps_per_epoch(trainer: pl.Trainer, pl_module: pl.LightningModule) -> float | None:
-    batches = trainer.num_training_batches
-    if not pl_module.automatic_optimization or not math.isfinite(batches) or batches <= 0:
-        return None  # manual optimization steps whenever it likes; iterable datasets have no epoch length
-    return float(math.ceil(batches / max(int(trainer.accumulate_grad_batches), 1)))
-
-
-def _distribution_mode(trainer: pl.Trainer) -> tuple[str, ShardReduce | None]:
-    if trainer.world_size <= 1:
-        return "single", None
-    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
-
-    strategy = trainer.strategy
-    sharded = isinstance(strategy, ModelParallelStrategy)
-    weight = dtensor_weight
-    if isinstance(strategy, FSDPStrategy):
-        mode = str(getattr(strategy, "sharding_strategy", "FULL_SHARD")).upper()
-        sharded = "NO_SHARD" not in mode
-        if "HYBRID" in mode:
-            # hybrid sharding: shards within a node, replicas across nodes -> count each replica once
-            replicas = max(trainer.world_size // max(trainer.num_devices, 1), 1)
-            weight = lambda p: 1.0 / replicas  # noqa: E731
-    if not sharded:
-        sharded = any(
-            _is_dtensor(p)
-            for opt in trainer.optimizers
-            for group in opt.param_groups
-            for p in group["params"]
-        )
-    if sharded:
-        return "sharded", ShardReduce.torch_distributed(weight=weight)
-    return "replicated", None
-
-
-def _is_dtensor(t: torch.Tensor) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - builds without distributed
-        return False
-    return isinstance(t, DTensor)

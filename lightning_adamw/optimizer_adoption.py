@@ -10,7 +10,11 @@ adopted optimizer:
 * on ``load_state_dict`` moves each tensor's state by name into its current group and keeps the new run's
   hyperparameters (one info line says what moved); its schedulers keep their progress and follow the new base lrs;
 * fills ``param_names`` of groups added later with ``add_param_group`` and warns when such a group decays tensors
-  the grouping rules do not decay;
+  the grouping rules do not decay; its schedulers accept the added group and leave its lr to whoever added it
+  (``OneCycleLR`` / ``CyclicLR`` refuse it, naming themselves);
+* after a checkpoint load, starts a schedule the checkpoint had no state for at the step reached;
+* is brought up to date before every training batch by a callback placed first in the trainer
+  (:func:`install_batch_sync`): an lr changed by the LR finder, a load, the weight decay schedule's next value;
 * warns once, naming them, about tensors of the module that get a gradient but are in no group.
 
 What the mixin keeps about an optimizer lives on the optimizer (``optimizer.__dict__``), so the module stays
@@ -22,16 +26,19 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import warnings
 import weakref
 from collections.abc import Iterator
 from typing import Any
 
 import torch
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.optim import Optimizer
-from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
+from torch.optim.lr_scheduler import CyclicLR, LRScheduler, MultiplicativeLR, OneCycleLR, ReduceLROnPlateau
 
+from lightning_adamw.mixin_weight_decay import continue_without_state, refresh_total_steps
 from lightning_adamw.optimizer_groups import (
     check_group_hyperparameters,
     name_added_group,
@@ -41,15 +48,18 @@ from lightning_adamw.optimizer_groups import (
 from lightning_adamw.optimizer_state import LrRule, remap_state_dict
 from lightning_adamw.param_groups import NO_DECAY
 from lightning_adamw.schedules import WarmupCosineLR
+from lightning_adamw.weight_decay import WeightDecayScheduler
 
 __all__ = [
     "Adoption",
     "adopt",
     "adopt_returned",
     "adoption_of",
+    "install_batch_sync",
     "rescale_scheduler_base",
     "returned_optimizers",
     "same_value",
+    "sync",
 ]
 
 _SHOWN_NAMES = 5  # tensor names shown in a warning before "... (+n more)"
@@ -85,6 +95,9 @@ class Adoption:
             for g in optimizer.param_groups
         ]
         self.scheduler_refs = [weakref.ref(s) for s in schedulers]
+        # Each scheduler's position when it was built: one still there after a checkpoint load got no state from
+        # the checkpoint (a schedule new in this run), see _start_new_schedulers.
+        self.created_at = [getattr(s, "last_epoch", None) for s in schedulers]
         self.lr_rule: LrRule
         if not schedulers:
             self.lr_rule = "configured"
@@ -209,10 +222,67 @@ def _wrap_add_param_group(module: Any, optimizer: Optimizer) -> None:
         except ValueError:
             optimizer.param_groups.pop()  # leave the optimizer as it was
             raise
+        try:
+            _cover_added_groups(optimizer)
+        except ValueError:
+            optimizer.param_groups.pop()
+            raise
         if module is not None:
             _warn_if_added_group_mixes(module, optimizer, optimizer.param_groups[-1])
 
     optimizer.__dict__["add_param_group"] = add_param_group
+
+
+def _keep_lr(group: dict[str, Any], base: float) -> Any:
+    """A LambdaLR factor that leaves ``group``'s lr as it is (a function: LambdaLR saves no state for it)."""
+
+    def factor(step: int) -> float:
+        return float(group["lr"]) / base if base else 1.0
+
+    return factor
+
+
+def _unchanged(step: int) -> float:
+    """A MultiplicativeLR factor that leaves a group's lr as it is."""
+    return 1.0
+
+
+def _cover_added_groups(optimizer: Optimizer) -> None:
+    """Make the adopted schedulers accept groups added after they were built, leaving those groups' lr to
+    whoever added them (``BackboneFinetuning`` ramps it). ``WarmupCosineLR`` does so by itself; torch's schedulers
+    with per-group lists (``LambdaLR``, ``MultiplicativeLR``; ``base_lrs`` of every scheduler) would fail at their
+    next step with "zip() argument 2 is shorter than argument 1". ``OneCycleLR`` / ``CyclicLR`` set every group
+    from per-group peaks that an added group has none of: refused, naming them."""
+    adoption = adoption_of(optimizer)
+    if adoption is None:
+        return
+    pending = list(adoption.schedulers())
+    while pending:
+        scheduler = pending.pop()
+        pending.extend(getattr(scheduler, "_schedulers", None) or [])  # SequentialLR, ChainedScheduler
+        if isinstance(scheduler, WarmupCosineLR) or isinstance(scheduler, ReduceLROnPlateau):
+            continue  # keeps added groups' lr / reduces every group (min_lrs: torch says how to fix it)
+        groups = optimizer.param_groups
+        base_lrs = getattr(scheduler, "base_lrs", None)
+        if not isinstance(base_lrs, list) or len(base_lrs) >= len(groups):
+            continue
+        if isinstance(scheduler, (OneCycleLR, CyclicLR)):
+            raise ValueError(
+                f"{type(scheduler).__name__} cannot schedule a parameter group added after it was built "
+                f"(optimizer.add_param_group, e.g. BackboneFinetuning): it sets every group from its own per-group "
+                "peaks. Build the scheduler after adding the group, or use a schedule that keeps added groups' "
+                "lr (lightning_adamw.WarmupCosineLR)"
+            )
+        lambdas = getattr(scheduler, "lr_lambdas", None)
+        for group in groups[len(base_lrs) :]:
+            base = float(group["lr"])
+            base_lrs.append(base)
+            if isinstance(lambdas, list) and len(lambdas) < len(base_lrs):
+                lambdas.append(
+                    _unchanged if isinstance(scheduler, MultiplicativeLR) else _keep_lr(group, base)
+                )
+        if hasattr(scheduler, "_last_lr"):
+            scheduler._last_lr = [g["lr"] for g in groups]
 
 
 def _warn_if_added_group_mixes(module: Any, optimizer: Optimizer, group: dict[str, Any]) -> None:
@@ -243,15 +313,62 @@ def _warn_if_added_group_mixes(module: Any, optimizer: Optimizer, group: dict[st
 # ------------------------------------------------------------------------------------------- every step
 
 
-def before_step(module: Any, optimizer: Optimizer, adoption: Adoption) -> None:
-    """Step pre-hook of every adopted optimizer: cheap checks that need the state right before a step."""
+def sync(module: Any, optimizer: Optimizer, adoption: Adoption) -> None:
+    """Bring the groups up to date with what changed since they were built or loaded: the module's lr (an LR
+    finder), a checkpoint load (schedulers keep their progress on the new base lrs; schedules new in this run
+    start at the step reached). Cheap when nothing changed (two flags)."""
     if adoption.check_lr:
         adoption.check_lr = False
         _apply_changed_lr(module, optimizer, adoption)
     if adoption.after_load:
         adoption.after_load = False
         _reconcile_schedulers(module, optimizer, adoption)
+
+
+def before_step(module: Any, optimizer: Optimizer, adoption: Adoption) -> None:
+    """Step pre-hook of every adopted optimizer: :func:`sync` (already done before the batch under Lightning,
+    see :func:`install_batch_sync`; here for plain training loops), then the untracked-tensor check."""
+    sync(module, optimizer, adoption)
     _warn_untracked(module, optimizer)
+
+
+class _BatchSync(Callback):
+    """Runs :func:`sync` and refreshes the weight decay schedule before anything reads the groups of a batch.
+
+    Lightning calls callbacks before the module and in list order, and this one is first: so
+    ``LearningRateMonitor`` (which logs ``lr`` and ``weight_decay`` at batch start) and every callback see the
+    values the step will use, from the very first step (the ``LearningRateFinder`` callback writes the bare
+    suggestion into every group just before training starts).
+    """
+
+    def _sync_all(self, trainer: Any, pl_module: Any) -> None:
+        for optimizer in trainer.optimizers:
+            adoption = adoption_of(optimizer)
+            if adoption is not None:
+                module = adoption.module_ref()
+                if module is not None:
+                    sync(module, optimizer, adoption)
+            scheduler = WeightDecayScheduler.of(optimizer)
+            if scheduler is not None:
+                scheduler.refresh()
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self._sync_all(trainer, pl_module)
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        self._sync_all(trainer, pl_module)
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self._sync_all(trainer, pl_module)
+
+
+def install_batch_sync(module: Any) -> None:
+    """Put the :class:`_BatchSync` callback first in the module's trainer (once per trainer)."""
+    trainer = getattr(module, "_trainer", None)
+    callbacks = getattr(trainer, "callbacks", None)
+    if not isinstance(callbacks, list) or any(isinstance(c, _BatchSync) for c in callbacks):
+        return
+    callbacks.insert(0, _BatchSync())
 
 
 def _apply_changed_lr(module: Any, optimizer: Optimizer, adoption: Adoption) -> None:
@@ -293,7 +410,12 @@ def _apply_changed_lr(module: Any, optimizer: Optimizer, adoption: Adoption) -> 
 
 
 def _reconcile_schedulers(module: Any, optimizer: Optimizer, adoption: Adoption) -> None:
-    """After a checkpoint load: schedulers keep their progress and follow the configured base lrs."""
+    """After a checkpoint load: schedulers keep their progress and follow the configured base lrs; schedules
+    the checkpoint had no state for start at the step reached."""
+    trainer = getattr(module, "_trainer", None)
+    _start_new_schedulers(trainer, adoption)
+    refresh_total_steps(module, optimizer)
+    continue_without_state(optimizer, getattr(trainer, "global_step", None) if trainer is not None else None)
     for scheduler in adoption.schedulers():
         if isinstance(scheduler, WarmupCosineLR):
             if scheduler.__dict__.get("_lightning_adamw_auto_total"):
@@ -310,6 +432,56 @@ def _reconcile_schedulers(module: Any, optimizer: Optimizer, adoption: Adoption)
                 scheduler.resume_note = None
         else:
             rescale_scheduler_base(scheduler, optimizer)
+
+
+def _scheduler_position(trainer: Any, scheduler: Any) -> int | None:
+    """Where a scheduler stepped every ``frequency`` steps or epochs would be now, from the trainer's restored
+    progress (``None`` when the trainer does not step it: not in its scheduler configs)."""
+    for config in getattr(trainer, "lr_scheduler_configs", None) or []:
+        if config.scheduler is scheduler:
+            done = trainer.global_step if config.interval == "step" else trainer.current_epoch
+            return int(done) // max(int(config.frequency or 1), 1)
+    return None
+
+
+def _start_new_schedulers(trainer: Any, adoption: Adoption) -> None:
+    """A scheduler the checkpoint had no state for (new in this run: ``lr_schedule`` changed from "constant" to
+    "cosine", an ``--lr_scheduler`` added) would start at its own step 0 in the middle of training: it starts at
+    the step reached instead (``WarmupCosineLR``: its closed form there; others: stepped that many times), with
+    one line."""
+    if trainer is None:
+        return
+    for scheduler, created in zip(adoption.schedulers(), adoption.created_at, strict=False):
+        if created is None or isinstance(scheduler, ReduceLROnPlateau) or scheduler.last_epoch != created:
+            continue  # restored from the checkpoint (its position moved), or no position to move
+        position = _scheduler_position(trainer, scheduler)
+        if position is None or position <= created:
+            continue
+        name = type(scheduler).__name__
+        before = [g["lr"] for g in scheduler.optimizer.param_groups]
+        if isinstance(scheduler, WarmupCosineLR):
+            scheduler.apply_step(position)
+        else:
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # "lr_scheduler.step() before optimizer.step()"
+                    for _ in range(position - created):
+                        scheduler.step()
+            except ValueError as err:  # OneCycleLR past its total_steps, ...
+                raise ValueError(
+                    f"{name} is new in this resumed run (the checkpoint holds no state for it) and cannot start at "
+                    f"the step reached, {position}: {err}"
+                ) from err
+        after = [g["lr"] for g in scheduler.optimizer.param_groups]
+        rank_zero_info(
+            f"lightning-adamw: {name} is new in this resumed run (the checkpoint holds no state for it): it "
+            f"starts at the step reached, {position}, not at its own step 0 (lr {_fmt_lr(before[0])} -> "
+            f"{_fmt_lr(after[0])} in the first group)"
+        )
+
+
+def _fmt_lr(value: Any) -> str:
+    return f"{float(value):.6g}"
 
 
 def _warn_untracked(module: Any, optimizer: Optimizer) -> None:

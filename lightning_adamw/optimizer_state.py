@@ -15,7 +15,9 @@ torch's own positional ``load_state_dict``):
 * a tensor whose state has another shape than the tensor is an error naming it;
 * group hyperparameters: for the groups given a ``configured`` entry, the configuration wins (torch would
   overwrite ``lr``, ``weight_decay``, ``betas``... with the checkpoint's); other groups (added later with
-  ``add_param_group``) are restored from the checkpoint as torch does;
+  ``add_param_group``) are restored from the checkpoint as torch does. A group under a weight decay schedule
+  (:class:`~lightning_adamw.weight_decay.WeightDecayScheduler`) holds its latest step's ``weight_decay``: its
+  base decay ``base_weight_decay`` is what is compared and reported;
 * without names on both sides the positional load is kept, but different group sizes are an error that names
   the groups.
 
@@ -31,6 +33,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+
+from lightning_adamw.weight_decay.scheduler import BASE_KEY
 
 __all__ = ["PER_ELEMENT_STATE_KEYS", "LrRule", "StateRemap", "group_label", "remap_state_dict"]
 
@@ -214,8 +218,12 @@ def _hyperparameters(
     for key in _REPORTED_KEYS:
         if key == "lr" or key not in values or key not in saved:
             continue
-        if not _same(saved[key], values[key]):
-            report.changed.append((label, key, saved[key], values[key]))
+        old, new = saved[key], values[key]
+        if key == "weight_decay":
+            # A scheduled group holds the value of its latest step; its configuration is the base decay λ.
+            old, new = saved.get(BASE_KEY, old), values.get(BASE_KEY, new)
+        if not _same(old, new):
+            report.changed.append((label, key, old, new))
     if "lr" not in values or "lr" not in saved:
         return values
     if lr_rule == "checkpoint":

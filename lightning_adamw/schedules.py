@@ -17,7 +17,7 @@ import math
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
-__all__ = ["WarmupCosineLR", "warmup_cosine_factor"]
+__all__ = ["WarmupCosineLR", "shorter_schedule_message", "warmup_cosine_factor"]
 
 
 def warmup_cosine_factor(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0) -> float:
@@ -37,7 +37,8 @@ class WarmupCosineLR(LambdaLR):
     """Linear warm-up followed by cosine decay, stepped once per optimizer step.
 
     Args:
-        optimizer: the wrapped optimizer (every group follows the same shape, each from its own base lr).
+        optimizer: the wrapped optimizer (every group follows the same shape, each from its own base lr; a group
+            added later with ``add_param_group`` keeps the lr it is given: see :meth:`get_lr`).
         warmup_steps: number of warm-up steps (``>= 0``).
         total_steps: length of the whole schedule in optimizer steps; ``None`` means "not known yet": the
             mixin sets it from ``trainer.estimated_stepping_batches``. Until then the factor after warm-up is 1.
@@ -82,12 +83,27 @@ class WarmupCosineLR(LambdaLR):
     def _factor(self, step: int) -> float:
         return self._factor_for(step, self.total_steps, self.warmup_steps, self.min_lr_ratio)
 
+    def get_lr(self) -> list[float]:  # type: ignore[override]
+        """The factor times each base lr, for the groups the schedule was created with; groups added later
+        (``optimizer.add_param_group``: Lightning's ``BackboneFinetuning``) keep their lr, which whoever added
+        them manages (``BackboneFinetuning`` ramps it)."""
+        values = list(super().get_lr())
+        return values + [group["lr"] for group in self.optimizer.param_groups[len(values) :]]
+
     def set_total_steps(self, total_steps: int) -> None:
         """Fix the schedule's length once it is known, and re-apply the current factor."""
         if total_steps <= 0:
             raise ValueError(f"`total_steps` must be positive, got {total_steps!r}")
         self.total_steps = max(int(total_steps), self.warmup_steps)
-        for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+        self.apply_step(self.last_epoch)
+
+    def apply_step(self, step: int) -> None:
+        """Put the schedule at ``step`` (0-based optimizer steps taken): its closed form ``base · factor(step)``
+        for the groups it schedules (a resumed run whose checkpoint had no state for this schedule starts where
+        training is, not at the schedule's own step 0)."""
+        self.last_epoch = int(step)
+        self._step_count = int(step) + 1
+        for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs, strict=False):
             group["lr"] = base_lr * self._factor(self.last_epoch)
         self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
@@ -167,3 +183,24 @@ class WarmupCosineLR(LambdaLR):
         if total is None:  # not known yet: warm up, then hold
             return min(1.0, (step + 1) / (warmup + 1))
         return warmup_cosine_factor(step, warmup, max(int(total), warmup), float(ratio))
+
+
+def shorter_schedule_message(scheduler: WarmupCosineLR, planned_steps: int | None, where: str) -> str | None:
+    """A plain-words warning when a schedule's explicit ``total_steps`` ends before the planned training does
+    (the lr would then sit at its floor, ``min_lr_ratio`` times the base lr, for the rest of the run), else ``None``.
+
+    Args:
+        scheduler: the schedule (its ``total_steps``, ``min_lr_ratio``).
+        planned_steps: the optimizer steps the run will take (``trainer.estimated_stepping_batches``), or
+            ``None`` when not known.
+        where: where ``total_steps`` was set, for the message (``"attribute self.total_steps"``, ...).
+    """
+    total = scheduler.total_steps
+    if total is None or planned_steps is None or total >= planned_steps or scheduler.min_lr_ratio >= 1.0:
+        return None
+    return (
+        f"WarmupCosineLR `total_steps`={total} ({where}) is shorter than the trainer's planned {planned_steps} "
+        f"optimizer steps: the learning rate reaches its floor (min_lr_ratio={scheduler.min_lr_ratio:g} x the base "
+        f"lr) at step {total} and stays there for the last {planned_steps - total} steps. Leave `total_steps` "
+        f"unset to follow the trainer, or set it to {planned_steps}"
+    )

@@ -55,7 +55,7 @@ run() {  # run NAME DEVICES CONFIG...
   local start=$SECONDS status=0
   timeout -k 10 ${RUN_TIMEOUT:-240} "$PY" -m lightning_adamw fit "${args[@]}" --trainer.devices="$devices" "${FAST[@]}" \
     --trainer.logger.init_args.save_dir="$RESULTS/$name" \
-    --trainer.callbacks+=tests.scripts.cli_probe.RankProbe --trainer.callbacks.out_dir="$RESULTS/$name/probe" \
+    --trainer.callbacks+=tests.helpers.cli_probe.RankProbe --trainer.callbacks.out_dir="$RESULTS/$name/probe" \
     >"$RESULTS/$name.log" 2>&1 || status=$?
   grep -E "^(group|decay|no_decay|lightning-adamw)|Error|error:" "$RESULTS/$name.log" | grep -v Warning || true
   echo "-- exit status $status after $((SECONDS - start)) s (log: $RESULTS/$name.log)"

@@ -2,8 +2,8 @@
 
 Run on a CUDA machine from the repository root (``python scripts/gpu_monitor_profile.py``). For the small GPT
 (many tensors, tiny kernels) and the Llama skeleton, with fused AdamW, it prints: the fused step; a whole
-``update_split(...).metrics()`` call; the host time of its phases (plan lookup and scalars, the packed sums,
-the rest); and the fused Triton kernel alone (CUDA events). A diagnostic, not a benchmark: the figures that
+``update_split(...).metrics()`` call; the host time of its stages (the plan, the scalars, the sums table, the
+rest); and the fused Triton kernel alone (CUDA events). A diagnostic, not a benchmark: the figures that
 count are in ``benchmarks/RESULTS.md`` (``python -m benchmarks.gpu``).
 """
 
@@ -20,12 +20,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import lightning_adamw.triton_sums as ts
 import lightning_adamw.update_split as us
 from benchmarks.bench_naive import trained_optimizer
 from benchmarks.gpu import GPU_MODEL, build_optimizer
 from benchmarks.models import GPTConfig
 from lightning_adamw.param_groups import build_param_groups
+from lightning_adamw.update_split.backends import triton as ts
+from lightning_adamw.update_split.contract import NUM_COLUMNS
 
 
 def per_call_ms(fn: Callable[[], Any], n: int = 30) -> float:
@@ -39,14 +40,24 @@ def per_call_ms(fn: Callable[[], Any], n: int = 30) -> float:
     return (time.perf_counter() - t) / n * 1e3
 
 
+CACHES = {True: us.PlanCache(), False: us.PlanCache()}
+
+
+def split(opt: torch.optim.Optimizer, triton: bool = True) -> Any:
+    return us.update_split(opt, triton=triton, cache=CACHES[triton])
+
+
 def kernel_ms(opt: torch.optim.Optimizer, n: int = 30) -> float:
-    plan = us._PLANS[opt]
-    assert plan.packed is not None
-    out = torch.zeros(len(plan.packed.items), 4, dtype=torch.float64, device="cuda")
+    split(opt)
+    plan = CACHES[True].get(opt)
+    assert plan is not None
+    groups = [g for a in plan.assignments if a.backend == "triton" for g in a.prepared]
+    table = torch.zeros(plan.num_rows, NUM_COLUMNS, dtype=torch.float64, device="cuda")
+    both = ts.shared_scalars(1e-8, 1e-3, torch.device("cuda"))
 
     def run() -> None:
-        for g in plan.packed.fused:  # type: ignore[union-attr]
-            ts.fused_item_sums(g, 1e-8, 1e-3, out)
+        for g in groups:
+            ts.fused_table_sums(g, both[0:1], both[1:2], table)
 
     run()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -61,7 +72,7 @@ def kernel_ms(opt: torch.optim.Optimizer, n: int = 30) -> float:
 def phases(opt: torch.optim.Optimizer, n: int = 30) -> dict[str, float]:
     totals: dict[str, float] = {}
     originals = {}
-    for name in ("_plan", "_process_packed"):
+    for name in ("plan_for", "step_scalars", "sums_table"):
         f = getattr(us, name)
         originals[name] = f
 
@@ -74,12 +85,12 @@ def phases(opt: torch.optim.Optimizer, n: int = 30) -> dict[str, float]:
 
         setattr(us, name, timed)
     try:
-        us.update_split(opt).metrics()
+        split(opt).metrics()
         totals.clear()
         torch.cuda.synchronize()
         t = time.perf_counter()
         for _ in range(n):
-            us.update_split(opt).metrics()
+            split(opt).metrics()
         whole = time.perf_counter() - t
     finally:
         for name, f in originals.items():
@@ -98,8 +109,8 @@ def main() -> None:
         cases.append((f"Llama 1.35B {dtype} fused", opt))
     for label, opt in cases:
         step = per_call_ms(opt.step)
-        mon = per_call_ms(lambda opt=opt: us.update_split(opt).metrics())
-        torch_path = per_call_ms(lambda opt=opt: us.update_split(opt, triton=False).metrics())
+        mon = per_call_ms(lambda opt=opt: split(opt).metrics())
+        torch_path = per_call_ms(lambda opt=opt: split(opt, triton=False).metrics())
         parts = phases(opt)
         kern = kernel_ms(opt)
         print(

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import bench_grouping, bench_memory, bench_naive, bench_overhead, gpu, report, run
+from benchmarks import ab, bench_grouping, bench_memory, bench_naive, bench_overhead, gpu, report, run
 from benchmarks.common import Row, interleaved, paired_ratios, stat
 from benchmarks.models import LLAMA_SHAPES, build_meta, count_params
 
@@ -101,6 +101,7 @@ def test_naive_matches_batched_and_rows():
     assert {r.variant for r in rows if r.metric == "speed-up"} == {
         "naive / batched, group metrics",
         "naive / batched, per-layer metrics",
+        "reference backend / batched, group metrics",  # the tests' float64 oracle, timed as a baseline
     }
     assert all(r.extra["tensors"] >= 200 for r in rows if r.metric == "time per call")
     assert all(r.ok is None for r in rows)  # quick runs judge no target
@@ -115,6 +116,16 @@ def test_fit_overhead_rows():
     every = [r for r in per_step if r.variant == "monitor, every step"]
     assert all(int(r.note.split()[0]) > 0 for r in every)
     assert all(r.ok is None for r in rows)
+    # the fixed cost per fit: the monitor's hooks outside the step, with the figure written (checked inside)
+    fixed = bench_overhead.fixed_cost_rows(repeats=1, quick=True)
+    assert_well_formed(fixed, 1)
+    hooks = [r for r in fixed if r.metric.startswith("training-thread time")]
+    assert {r.variant for r in hooks} == {
+        "monitor, default interval",
+        "monitor, default interval, plot=False",
+    }
+    assert all(r.unit == "ms" and r.value >= 0 for r in hooks)
+    assert {r.metric for r in fixed} >= {"whole fit / plain (CPU)", "whole fit / plain (wall)"}
 
 
 @pytest.mark.skipif(not bench_memory.rss_supported(), reason="needs Linux /proc RSS counters")
@@ -191,3 +202,23 @@ def test_report_without_gpu_says_not_measured(tmp_path: Path):
     assert "2.500 - 3.500" in text
     assert "Not measured in this run." in text  # items 3 and 4 had no rows
     assert "plain" in report.console_table(rows)
+
+
+def test_ab_comparison_and_its_section(tmp_path: Path):
+    def run_of(value: float) -> dict:
+        row = Row(1, "fit", "monitor", "time / plain", value, unit="x", target="<= 1.3x")
+        return {"rows": [row.to_dict(), Row(2, "naive", "x", "speed-up", 2 * value).to_dict()]}
+
+    rows = ab.compare(
+        {"baseline": [run_of(1.2), run_of(1.4), run_of(1.3)], "new": [run_of(1.0), run_of(1.1)]}
+    )
+    assert [(r["metric"], r["baseline"], r["new"], r["n"]) for r in rows] == [
+        ("time / plain", [1.3, 1.2, 1.4], [1.05, 1.0, 1.1], [3, 2]),
+        ("speed-up", [2.6, 2.4, 2.8], [2.1, 2.0, 2.2], [3, 2]),
+    ]
+    text = report.render(None, None, {"machine": {"cpu": "c"}, "settings": {"baseline": "b"}, "rows": rows})
+    section = text.split("## Against the previous implementation")[1]
+    assert (
+        "| 1 | fit | monitor | time / plain | 1.300 x (1.200 - 1.400) | 1.050 x (1.000 - 1.100) |" in section
+    )
+    assert "better" in section and "**worse**" in section  # lower time is better, lower speed-up is worse

@@ -22,7 +22,7 @@ FAST = [
     "--trainer.enable_model_summary=false",
     "--trainer.enable_checkpointing=false",
     "--trainer.logger=false",
-    "--model=tests.lit_models.TinyRegressor",
+    "--model=tests.helpers.lit_models.TinyRegressor",
     "--data=null",
 ]
 

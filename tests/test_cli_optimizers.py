@@ -20,11 +20,11 @@ from lightning.pytorch.cli import LightningArgumentParser
 
 from lightning_adamw import AdamWCLI, WarmupCosineLR
 from lightning_adamw.schedules import warmup_cosine_factor
-from tests.scripts.cli_models import InitDictRegressor, RegressionData, UserRegressor
+from tests.helpers.cli_models import InitDictRegressor, RegressionData, UserRegressor
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
-MODELS = "tests.scripts.cli_models"
+MODELS = "tests.helpers.cli_models"
 FAST = [
     "--trainer.limit_val_batches=0",
     "--trainer.enable_progress_bar=false",
@@ -51,7 +51,7 @@ def fit(
 def probe(tmp_path: Path) -> list[str]:
     """Options adding the RankProbe callback, which records every group's lr after each optimizer step."""
     return [
-        "--trainer.callbacks+=tests.scripts.cli_probe.RankProbe",
+        "--trainer.callbacks+=tests.helpers.cli_probe.RankProbe",
         f"--trainer.callbacks.out_dir={tmp_path}",
     ]
 
@@ -152,7 +152,7 @@ class LinkedBatchSize(AdamWCLI):
 
 
 def test_link_arguments_between_data_and_model(tmp_path: Path) -> None:
-    from tests.lit_models import TinyRegressor
+    from tests.helpers.lit_models import TinyRegressor
 
     cli = fit(
         tmp_path,

@@ -18,12 +18,12 @@ from lightning.pytorch.cli import LightningCLI
 from lightning_adamw.cli import AdamWCLI, main
 from lightning_adamw.cli.parser import check_mechanism
 from lightning_adamw.demo import DigitsClassifier
-from tests.scripts.cli_models import RegressionData, UserRegressor
+from tests.helpers.cli_models import RegressionData, UserRegressor
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
-USER_MODEL = "tests.scripts.cli_models.UserRegressor"
-USER_DATA = "tests.scripts.cli_models.RegressionData"
+USER_MODEL = "tests.helpers.cli_models.UserRegressor"
+USER_DATA = "tests.helpers.cli_models.RegressionData"
 # The user's classes' own defaults; the quickstart config has lr 0.003, weight_decay 0.05, cosine, 20, 64.
 # DigitsDataModule's defaults: what DigitsClassifier uses by itself when no data module is given.
 DIGITS_DATA_DEFAULTS = {
@@ -99,6 +99,29 @@ def test_model_after_a_config_starts_from_its_own_defaults(
     assert "batch_size=64" in data_line and "not carried over" in data_line
 
 
+def test_replacing_the_built_in_job_s_defaults_says_nothing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Without a config, the built-in job's classes hold only their own defaults: nothing the user wrote is
+    dropped, so no "not carried over" line; one a user set first (--model.hidden) is named, once."""
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch"):
+        config = parse("--model", USER_MODEL, "--data", USER_DATA)
+    assert init_args(config, "model") == USER_DEFAULTS
+    assert not [line for line in info_lines(caplog) if "not carried over" in line]
+    caplog.clear()
+    # a config that replaces the built-in class: its defaults were not the user's either, and one line at most
+    mine = tmp_path / "mine.yaml"
+    mine.write_text(f"model:\n  class_path: {USER_MODEL}\n  init_args:\n    hidden: 4\n")
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch"):
+        parse("--config", str(mine))
+    assert not [line for line in info_lines(caplog) if "not carried over" in line]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch"):
+        parse("--model.hidden", "7", "--model", USER_MODEL)
+    (line,) = [line for line in info_lines(caplog) if "not carried over" in line]
+    assert "hidden=7" in line and "lr=" not in line
+
+
 def test_arguments_after_the_change_and_later_configs_apply(tmp_path: Path) -> None:
     later = tmp_path / "later.yaml"
     later.write_text("model:\n  init_args:\n    hidden: 8\n")  # no class_path: for the class now chosen
@@ -142,7 +165,7 @@ def test_a_subclass_keeps_the_values_set_for_its_base_class(caplog: pytest.LogCa
             "--model.lr=0.01",
             "--model.hidden=32",
             "--model",
-            "tests.scripts.cli_models.SlowDigitsClassifier",
+            "tests.helpers.cli_models.SlowDigitsClassifier",
         )
     args = init_args(config, "model")
     assert (args["lr"], args["hidden"], args["warmup_steps"], args["weight_decay"]) == (0.01, 32, 5, 0.05)

@@ -213,7 +213,7 @@ def fit(tmp_path: Path, *args: str, steps: int = 6) -> AdamWCLI:
             "--trainer.enable_model_summary=false",
             "--trainer.enable_checkpointing=false",
             f"--trainer.logger.init_args.save_dir={tmp_path}",  # the configs' CSVLogger, not in the cwd
-            "--trainer.callbacks+=tests.scripts.cli_probe.RankProbe",
+            "--trainer.callbacks+=tests.helpers.cli_probe.RankProbe",
             f"--trainer.callbacks.out_dir={tmp_path / 'probe'}",
         ]
     )
@@ -228,14 +228,14 @@ def probe_lrs(cli: AdamWCLI) -> list[list[float]]:
     return probe.record["lrs"]
 
 
-TOKEN_MODEL = "--model=tests.scripts.cli_models.TinyTokenClassifier"
+TOKEN_MODEL = "--model=tests.helpers.cli_models.TinyTokenClassifier"
 
 
 def test_decay_options_from_yaml(tmp_path: Path) -> None:
     options = tmp_path / "options.yaml"
     options.write_text(
         "model:\n"
-        "  class_path: tests.scripts.cli_models.TinyTokenClassifier\n"
+        "  class_path: tests.helpers.cli_models.TinyTokenClassifier\n"
         "  init_args:\n"
         "    exclude_embeddings: true\n"
         "    decay_patterns: [norm.weight]\n"

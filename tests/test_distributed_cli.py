@@ -2,7 +2,7 @@
 environment, ``torchrun`` and the SLURM batch script), a rank that fails, and FSDP.
 
 Everything runs on CPU with gloo, from the same ``configs/*.yaml`` a user runs, overridden only by
-``configs/cpu.yaml`` and short-run flags. Each rank writes what it saw to JSON (``tests/scripts/cli_probe.py``),
+``configs/cpu.yaml`` and short-run flags. Each rank writes what it saw to JSON (``tests/helpers/cli_probe.py``),
 so the assertions are on the ranks' own numbers: groups, ranks, learning rates, weight checksums and the
 monitor's metrics. Every launched process is started in its own session and its whole process tree is killed
 when the test ends, also when it fails or times out.
@@ -28,7 +28,7 @@ import pytest
 import torch
 
 from lightning_adamw.schedules import warmup_cosine_factor
-from tests.scripts.cli_probe import read_probes
+from tests.helpers.cli_probe import read_probes
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -94,7 +94,7 @@ def config_args(*names: str) -> list[str]:
 
 def probe_args(out_dir: Path) -> list[str]:
     return [
-        "--trainer.callbacks+=tests.scripts.cli_probe.RankProbe",
+        "--trainer.callbacks+=tests.helpers.cli_probe.RankProbe",
         f"--trainer.callbacks.out_dir={out_dir}",
     ]
 
@@ -387,7 +387,7 @@ def test_ddp_two_processes_from_the_cli(ddp_run: tuple[Path, dict[int, dict[str,
 def test_ddp_with_wandb_fragment_logs_one_offline_run_from_rank_zero(
     ddp_run: tuple[Path, dict[int, dict[str, Any]], Launched],
 ) -> None:
-    from tests.wandb_reader import iter_records, read_run
+    from tests.helpers.wandb_reader import iter_records, read_run
 
     run_dir, records, launched = ddp_run
     assert "W&B runs offline (WANDB_MODE was unset" in launched.output()
@@ -525,7 +525,7 @@ def test_slurm_batch_script_on_two_simulated_nodes(tmp_path: Path) -> None:
 
 def test_exception_in_one_rank_ends_the_whole_run(tmp_path: Path) -> None:
     """Rank 1 raises in training_step at step 2; rank 0 would wait in the next all-reduce forever."""
-    from tests.scripts.cli_models import FailingDigitsClassifier
+    from tests.helpers.cli_models import FailingDigitsClassifier
 
     probe = tmp_path / "probe"
     command = [
@@ -533,7 +533,7 @@ def test_exception_in_one_rank_ends_the_whole_run(tmp_path: Path) -> None:
         "fit",
         *config_args("ddp.yaml", "cpu.yaml"),
         "--trainer.devices=2",
-        "--model=tests.scripts.cli_models.FailingDigitsClassifier",
+        "--model=tests.helpers.cli_models.FailingDigitsClassifier",
         "--model.fail_on_rank=1",
         "--model.fail_at_step=2",
         *FAST,
@@ -573,7 +573,7 @@ def test_fsdp_config_sharded_over_two_cpu_ranks(
         *cli(),
         "fit",
         *config_args("fsdp.yaml", "cpu.yaml"),
-        "--trainer.strategy.class_path=tests.scripts.cli_strategies.CPUFSDPStrategy",
+        "--trainer.strategy.class_path=tests.helpers.cli_strategies.CPUFSDPStrategy",
         "--trainer.devices=2",
         *FAST,
         *probe_args(probe),

@@ -22,7 +22,7 @@ from types import ModuleType
 
 import pytest
 
-from tests.wandb_reader import read_run, wandb_offline  # noqa: F401  (pytest fixture)
+from tests.helpers.wandb_reader import read_run, wandb_offline  # noqa: F401  (pytest fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -86,6 +86,7 @@ def last_value(rows: list[dict[str, str]], key: str) -> float:
         ("adam_vs_adamw", ["--quick", "--optimizers", "--seeds", "--log-dir"]),
         ("digits_classifier", ["--model.weight_decay", "--monitor.per_layer", "--optimizer", "--config"]),
         ("tiny_gpt", ["--model.exclude_embeddings", "--model.norm", "--monitor.per_layer", "--data.modules"]),
+        ("weight_decay_schedules", ["--quick", "--seeds", "--lr-range", "--log-dir"]),
     ],
 )
 def test_help_lists_the_options(
@@ -448,3 +449,100 @@ def test_wandb_dashboard_metrics_exist(tmp_path: Path) -> None:
     assert hist_rows and hist_rows[0]["adamw_hist/decay/decay_to_grad_ratio"]["_type"] == "histogram"
     image_rows = run.rows_with("adamw/summary")
     assert image_rows and "image" in str(image_rows[-1]["adamw/summary"].get("_type", "")), image_rows[-1:]
+
+
+# ================================================================================================ weight_decay_schedules
+
+
+def test_weight_decay_schedules(tmp_path: Path) -> None:
+    """The three schedules apply the decay their formulas say, step by step, and the grid is complete.
+
+    Per-step values are compared in float64 against the formula evaluated on the recorded lr: each side is
+    two or three roundings away from the exact value, hence ``gamma(4)`` with the usual safety factor.
+    """
+    import torch
+
+    from tests.helpers.tolerance import SAFETY, gamma, unit_roundoff
+
+    proc = run_example(
+        "weight_decay_schedules.py", "--quick", "--no-progress", "--log-dir", "logs", cwd=tmp_path
+    )
+    run_dir = tmp_path / "logs" / "weight_decay_schedules" / "version_0"
+    results = json.loads((run_dir / "results.json").read_text())
+    args = results["args"]
+    lr_max, steps, warmup = args["lr"], args["steps"], args["warmup_steps"]
+    rel64 = SAFETY * gamma(4, unit_roundoff(torch.float64))
+
+    runs = results["runs"]
+    assert set(runs) == {"constant", "independent", "adamc"}
+    rows = {name: run["steps"] for name, run in runs.items()}
+    assert all(len(r) == steps for r in rows.values())
+    lam = {name: run["base_weight_decay"]["decay"] for name, run in runs.items()}
+    # λ from ema_timescale_fraction: τ = fraction x steps at the peak lr, in each schedule's own units.
+    tau = args["tau_fraction"] * steps
+    assert lam["constant"] == pytest.approx(1.0 / (lr_max * tau), rel=rel64)
+    assert lam["adamc"] == pytest.approx(lam["constant"], rel=rel64)
+    assert lam["independent"] == pytest.approx(1.0 / tau, rel=rel64)  # per-step decay at the peak
+    # AdamC leaves the output layer (the tied embedding's own group) on plain AdamW; the others follow everywhere.
+    assert runs["adamc"]["follows_schedule"] == {"decay": True, "decay/head": False}
+    assert runs["constant"]["follows_schedule"] == {"decay": True, "decay/head": True}
+
+    def per_step(name: str, group: str = "decay") -> list[float]:
+        return [r[f"{group}/lr"] * r[f"{group}/weight_decay"] for r in rows[name]]
+
+    for t in range(steps):
+        const, indep, adamc = rows["constant"][t], rows["independent"][t], rows["adamc"][t]
+        lr_t = const["decay/lr"]
+        assert indep["decay/lr"] == adamc["decay/lr"] == lr_t  # one lr schedule for all three
+        assert const["decay/weight_decay"] == lam["constant"]
+        assert indep["decay/weight_decay"] == pytest.approx(lam["independent"] / lr_max, rel=rel64)
+        assert adamc["decay/weight_decay"] == pytest.approx(lam["adamc"] * lr_t / lr_max, rel=rel64)
+        assert adamc["decay/head/weight_decay"] == lam["adamc"]  # not scheduled: plain AdamW
+    # constant and independent apply the same per-step decay at one lr (τ fixed): the same run, other units.
+    assert per_step("independent") == pytest.approx(per_step("constant"), rel=rel64)
+    # AdamC equals AdamW at the peak lr (end of the warm-up) and decays by lr_t/lr_max less everywhere else,
+    # step 0 included (the warm-up starts below the peak).
+    peak = rows["constant"][warmup]["decay/lr"]
+    assert peak == pytest.approx(lr_max, rel=rel64)
+    assert per_step("adamc")[warmup] == pytest.approx(per_step("constant")[warmup], rel=rel64)
+    assert all(
+        a < c
+        for t, (a, c) in enumerate(zip(per_step("adamc"), per_step("constant"), strict=True))
+        if t != warmup
+    )
+    assert per_step("adamc")[0] == pytest.approx(
+        per_step("constant")[0] * rows["adamc"][0]["decay/lr"] / lr_max, rel=rel64
+    )
+
+    # The monitor ran on every run; at the last logged step (lr nearly 0) AdamC's decay is a sliver of AdamW's.
+    for name, summary in results["schedules"].items():
+        assert math.isfinite(summary["val_bpc"]) and summary["grad_norm_end"] > 0.0, name
+        assert summary["monitor_weight_norm_last"] > 0.0, name
+    last = {n: s["monitor_decay_to_grad_ratio_last"] for n, s in results["schedules"].items()}
+    assert last["adamc"] < 0.1 * last["constant"]
+    assert last["independent"] == pytest.approx(last["constant"], rel=1e-3)
+    # Where the monitor logs grad_norm, it is this script's own ‖g‖ (float32 sums of the squares: n·u each).
+    params = runs["constant"]["parameters"]
+    for name, check in results["monitor_grad_norm_check"].items():
+        if check is not None:
+            assert check["max_rel_diff"] <= SAFETY * gamma(params, unit_roundoff(torch.float32)), name
+
+    # The grid: every cell trained and finite, the analysis and CSV complete.
+    grid = results["grid"]
+    assert set(grid["analysis"]) == {"constant", "independent"}
+    for name, table in grid["val_bpc_per_seed"].items():
+        assert len(table) == grid["seeds"] == 2
+        values = [v for seed in table for row in seed for v in row]
+        assert len(values) == 2 * len(grid["lambdas"][name]) * len(grid["lrs"])
+        assert all(v is not None and math.isfinite(v) and 0.0 < v < 8.0 for v in values), name
+        info = grid["analysis"][name]
+        assert info["slope"] is not None and math.isfinite(info["slope"])
+        assert len(info["slope_per_seed"]) == 2
+    rows_csv = read_metrics_csv(run_dir / "grid.csv")
+    assert len(rows_csv) == 2 * len(grid["lrs"]) * sum(len(v) for v in grid["lambdas"].values())
+    for row in rows_csv:
+        factor = float(row["lr"]) if row["schedule"] == "constant" else 1.0
+        assert float(row["per_step_decay_at_peak"]) == pytest.approx(float(row["lambda"]) * factor, rel=1e-5)
+    assert_png(results["plots"]["schedules"])
+    assert_png(results["plots"]["grid"])
+    assert "slope best λ" in proc.stdout

@@ -491,3 +491,31 @@ def test_transformers_models_lr_per_tensor_and_no_decay_at_every_depth(family: s
                 no_decay_depths.add(group["layer_depth"])
     assert no_decay_depths == set(range(top + 1))  # biases / norms in no_decay at every depth
     assert len({g["name"] for g in groups}) == len(groups)
+
+
+class _TiedLM(nn.Module):
+    """Embedding, two blocks, and an output head tied to the embedding (GPT-2 style)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 8)
+        self.layers = nn.ModuleList(nn.Linear(8, 8) for _ in range(2))
+        self.head = nn.Linear(8, 10, bias=False)
+        self.head.weight = self.embed.weight
+
+
+def test_tied_head_says_which_lr_the_one_tensor_gets() -> None:
+    model = _TiedLM()
+    with pytest.warns(
+        UserWarning, match=r"`head.weight` is the same tensor as `embed.weight` \(tied"
+    ) as caught:
+        groups = build_param_groups(model, 0.1, layer_decay=0.5, lr=1.0)
+    (message,) = [str(w.message) for w in caught if "tied" in str(w.message)]
+    assert "depth 0" in message and "lr scale 0.125" in message  # 0.5^(L + 1 - 0), L = 2
+    (group,) = [g for g in groups if any(name == "embed.weight" for name, _ in g["params"])]
+    assert group["lr"] == 0.125  # the tensor trains once, at the embedding's rate, as the warning says
+    # with its own depth from layer_id, the warning reports that depth instead
+    with pytest.warns(UserWarning, match="depth 3"):
+        build_param_groups(
+            model, 0.1, layer_decay=0.5, lr=1.0, layer_id=lambda n: 3 if n == "embed.weight" else None
+        )

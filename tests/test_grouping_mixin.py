@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from lightning_adamw import DecoupledWeightDecayMixin, WeightDecayMonitor
 from lightning_adamw.schedules import WarmupCosineLR
-from tests.lit_models import regression_data
+from tests.helpers.lit_models import regression_data
 
 LR, DECAY = 1e-2, 0.5
 
@@ -90,7 +90,10 @@ def test_own_configure_optimizers_needs_lr_and_one_max_lr_is_caught() -> None:
         def configure_optimizers(self) -> Any:
             return torch.optim.AdamW(self.decoupled_param_groups(), lr=LR)
 
-    with pytest.raises(ValueError, match=r"torch optimizer ignores `lr_scale`: pass `lr=`"):
+    with pytest.raises(
+        ValueError,
+        match=r"which a torch optimizer cannot apply by itself: call `self.decoupled_param_groups\(lr=<the lr you give the optimizer>\)`",
+    ):
         Own().configure_optimizers()
 
     class OwnWithLr(Stack):

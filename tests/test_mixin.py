@@ -15,7 +15,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
 from lightning_adamw import DecoupledWeightDecayMixin, WarmupCosineLR, build_param_groups
-from tests.lit_models import TinyRegressor, make_body, regression_data
+from tests.helpers.lit_models import TinyRegressor, make_body, regression_data
 
 
 def fit(model: L.LightningModule, tmp_path, max_steps: int = 8, **trainer_kwargs) -> L.Trainer:

@@ -259,3 +259,51 @@ def test_batch_size_finder_callback_with_module_attribute_refreshes_the_schedule
     assert any(
         f"total_steps {2 * N_SAMPLES // 4} -> {2 * N_SAMPLES // 8}" in r.getMessage() for r in caplog.records
     )
+
+
+class Deep(DecoupledWeightDecayMixin, L.LightningModule):
+    """embed, two blocks under ``layers``, head: four depths for ``layer_decay``."""
+
+    def __init__(self, lr: float = 0.3, layer_decay: float = 0.5, lr_schedule: str = "cosine") -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.embed = nn.Linear(4, 8)
+        self.layers = nn.ModuleList(nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 8)) for _ in range(2))
+        self.head = nn.Linear(8, 1)
+        self.warmup_steps = 2
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        h = self.embed(x)
+        for layer in self.layers:
+            h = layer(h)
+        return nn.functional.mse_loss(self.head(h), y)
+
+
+def test_lr_finder_callback_gives_the_first_step_its_scales_and_warmup(tmp_path) -> None:
+    """LearningRateFinder writes the bare suggestion into every group just before training: the groups get
+    their layer-decay scales and the warm-up factor back before the first batch starts, so every callback (and
+    LearningRateMonitor) sees, and the first step applies, suggestion x scale x factor(0)."""
+    torch.manual_seed(0)
+    seen: list[list[float]] = []
+    applied: list[list[float]] = []
+
+    class Record(L.Callback):
+        def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            trainer.optimizers[0].register_step_post_hook(
+                lambda opt, *_: applied.append([g["lr"] for g in opt.param_groups])
+            )
+
+        def on_train_batch_start(self, trainer: L.Trainer, *args: object) -> None:
+            seen.append([g["lr"] for g in trainer.optimizers[0].param_groups])
+
+    model = Deep()
+    data = DataLoader(dataset(), batch_size=8)
+    finder = LearningRateFinder(num_training_steps=20, early_stop_threshold=None)
+    trainer(max_steps=4, default_root_dir=tmp_path, callbacks=[finder, Record()]).fit(model, data)
+    suggestion = model.hparams.lr
+    assert not math.isclose(suggestion, 0.3)
+    scales = [0.125, 0.125, 0.25, 0.25, 0.5, 0.5, 1.0, 1.0]  # 0.5 ** (L + 1 - depth): embed, blocks 1-2, head
+    first = [suggestion * s / 3 for s in scales]  # warm-up factor (0 + 1) / (2 + 1)
+    assert seen[0] == pytest.approx(first, rel=1e-12)
+    assert applied[0] == pytest.approx(first, rel=1e-12)

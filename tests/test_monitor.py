@@ -14,18 +14,10 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 
 import lightning_adamw.monitor as monitor_module
 from lightning_adamw.monitor import WeightDecayMonitor
+from tests.helpers.lit_monitor import MonitoredModule, RecordingLogger, StepRecorder, finite_everywhere, fit
+from tests.helpers.monitor_reference import compare_metrics, reference_bounds, reference_metrics
 from tests.helpers.tolerance import SAFETY, gamma, unit_roundoff
-from tests.scripts.monitor_common import (
-    MonitoredModule,
-    RecordingLogger,
-    StepRecorder,
-    compare_metrics,
-    finite_everywhere,
-    fit,
-    reference_bounds,
-    reference_metrics,
-)
-from tests.wandb_reader import iter_records, read_run, wandb_offline  # noqa: F401  (pytest fixture)
+from tests.helpers.wandb_reader import iter_records, read_run, wandb_offline  # noqa: F401  (pytest fixture)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 U32, U64 = unit_roundoff(torch.float32), unit_roundoff(torch.float64)

@@ -14,16 +14,10 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from lightning_adamw.monitor import WeightDecayMonitor
+from tests.helpers.lit_monitor import MonitoredModule, RecordingLogger, fit, make_data, run_distributed_script
 from tests.helpers.monitor_bounds import TensorNorms, metric_bounds
+from tests.helpers.monitor_reference import compare_metrics
 from tests.helpers.tolerance import SAFETY, gamma, unit_roundoff
-from tests.scripts.monitor_common import (
-    MonitoredModule,
-    RecordingLogger,
-    compare_metrics,
-    fit,
-    make_data,
-    run_distributed_script,
-)
 
 DECAY_NUMEL = 8 * 16 + 16 * 4  # MonitoredModule's two decayed matrices
 
@@ -138,7 +132,7 @@ def _identity_bound(before: dict[str, float], now: dict[str, float], want: float
     lr_wd = 1.0 / now["adamw/decay/ema_timescale_steps"]
     norms = TensorNorms(
         numel=DECAY_NUMEL,
-        ndim=2,
+        shape=(16, DECAY_NUMEL // 16),
         dtype=torch.float32,
         old=before["adamw/decay/weight_norm"],
         new=now["adamw/decay/weight_norm"],
@@ -146,7 +140,12 @@ def _identity_bound(before: dict[str, float], now: dict[str, float], want: float
     )
     bounds = metric_bounds("adamw", [norms], lr=lr_wd, weight_decay=1.0, expected={"decay_norm": want})
     previous = TensorNorms(
-        numel=DECAY_NUMEL, ndim=2, dtype=torch.float32, old=norms.old, new=norms.old, step=0.0
+        numel=DECAY_NUMEL,
+        shape=(16, DECAY_NUMEL // 16),
+        dtype=torch.float32,
+        old=norms.old,
+        new=norms.old,
+        step=0.0,
     )
     weight = metric_bounds("adamw", [previous], lr=0.0, weight_decay=0.0, expected={})["weight_norm"]
     return bounds["decay_norm"] + lr_wd * weight + SAFETY * gamma(2, unit_roundoff(torch.float64)) * want

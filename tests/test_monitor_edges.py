@@ -1,42 +1,43 @@
-"""Edges of WeightDecayMonitor: a figure path with folders, lr * weight_decay at or near 1 (the weights before the
-step cannot be recovered), and one monitor reused for several fits."""
+"""Edges of WeightDecayMonitor: a figure path with folders, the figure drawn off the training thread, lr *
+weight_decay at or near 1 (the weights before the step cannot be recovered), and one monitor reused for several
+fits."""
 
 from __future__ import annotations
 
 import math
+import threading
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
 
+import lightning_adamw.monitor_plot as monitor_plot
 from lightning_adamw.monitor import WeightDecayMonitor
 from lightning_adamw.param_groups import build_param_groups
-from lightning_adamw.update_split import W_OLD_MAX_RELATIVE_ERROR, update_split, w_old_reconstructible
-from tests.scripts.monitor_common import (
-    MonitoredModule,
-    RecordingLogger,
-    StepRecorder,
+from lightning_adamw.update_split import (
+    ADAMW_W_OLD_METRICS,
+    W_OLD_MAX_RELATIVE_ERROR,
+    update_split,
+    w_old_reconstructible,
+)
+from tests.helpers.lit_monitor import MonitoredModule, RecordingLogger, StepRecorder, fit
+from tests.helpers.monitor_reference import (
+    check_split,
     compare_metrics,
-    fit,
+    make_model,
     reference_bounds,
     reference_metrics,
+    snapshot_record,
 )
-from tests.test_update_split import check_split, make_model, snapshot_record
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-#: what can be known without w_old
+#: what can be known without w_old (the rest of the per-tensor metrics need it, or only the hyperparameters)
 KNOWABLE = ("grad_update_norm", "weight_norm")
 #: what needs w_old
-NEEDS_W_OLD = (
-    "decay_norm",
-    "decay_to_grad_ratio",
-    "update_norm",
-    "update_to_weight",
-    "cos_grad_update_weight",
-    "angular_update",
-)
+NEEDS_W_OLD = ADAMW_W_OLD_METRICS
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -58,6 +59,78 @@ def test_plot_filename_with_folders(tmp_path: Path) -> None:
 
     with pytest.raises(ValueError, match="plot_filename"):
         WeightDecayMonitor(plot_filename="")
+
+
+class _Events(L.Callback):
+    """Records, in order, the end of each training batch and of training (callbacks run after the monitor's)."""
+
+    def __init__(self, events: list[str]) -> None:
+        self.events = events
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        self.events.append(f"batch_end {trainer.global_step}")
+
+    def on_train_end(self, *args: Any) -> None:
+        self.events.append("train_end")
+
+
+def test_figure_is_drawn_off_the_training_thread_once_its_data_is_final(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """8 steps logged every 3 steps: the last point is step 5, so the figure is drawn in a background thread right
+    after the 6th step, while steps 7 and 8 train; it still reaches the file and the loggers at the end."""
+    events: list[str] = []
+    threads: list[str] = []
+    real_render, real_submit = monitor_plot.render_png, monitor_plot.FigureWriter.submit
+
+    def render(*args: Any, **kwargs: Any) -> Any:
+        threads.append("main" if threading.current_thread() is threading.main_thread() else "worker")
+        return real_render(*args, **kwargs)
+
+    def submit(self: monitor_plot.FigureWriter, *args: Any, **kwargs: Any) -> None:
+        events.append("figure submitted")
+        real_submit(self, *args, **kwargs)
+
+    monkeypatch.setattr(monitor_plot, "render_png", render)
+    monkeypatch.setattr(monitor_plot.FigureWriter, "submit", submit)
+    L.seed_everything(0)
+    monitor = WeightDecayMonitor(log_every_n_steps=3, histogram_every_n_steps=0)
+    fit(
+        MonitoredModule(),
+        [monitor, _Events(events)],
+        tmp_path,
+        logger=CSVLogger(tmp_path / "logs"),
+        max_steps=8,
+    )
+    assert threads == ["worker"]  # drawn once, off the training thread
+    # handed to the background right after the 6th step (the monitor's hook runs before _Events'), before the last two
+    assert events == ["batch_end 1", "batch_end 2", "batch_end 3", "batch_end 4", "batch_end 5", "figure submitted",
+                      "batch_end 6", "batch_end 7", "batch_end 8", "train_end"]  # fmt: skip
+    assert [p[0] for p in monitor.history["adamw/decay"]["decay_norm"]] == [2.0, 5.0]
+    assert Path(monitor.figure_path or "").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_a_monitor_after_a_fit_can_be_pickled(tmp_path: Path) -> None:
+    """(``ddp_spawn`` and other process-spawning strategies pickle the callbacks.)"""
+    import pickle
+
+    monitor = WeightDecayMonitor(log_every_n_steps=2)
+    fit(MonitoredModule(), [monitor], tmp_path, logger=RecordingLogger(), max_steps=4)
+    copy = pickle.loads(pickle.dumps(monitor))
+    assert copy.history == monitor.history and copy.figure_path == monitor.figure_path
+
+
+def test_a_figure_that_cannot_be_drawn_warns_and_training_ends_normally(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(monitor_plot, "render_png", broken)
+    monitor = WeightDecayMonitor(log_every_n_steps=2)
+    with pytest.warns(UserWarning, match="could not write the summary figure: OSError.*disk full"):
+        trainer = fit(MonitoredModule(), [monitor], tmp_path, logger=RecordingLogger(), max_steps=4)
+    assert trainer.global_step == 4 and monitor.figure_path is None and monitor.last_metrics
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -20,14 +20,8 @@ from torch import nn
 from lightning_adamw.monitor import WeightDecayMonitor
 from lightning_adamw.param_groups import build_param_groups
 from lightning_adamw.update_split import update_split
-from tests.scripts.monitor_common import (
-    MonitoredModule,
-    RecordingLogger,
-    compare_metrics,
-    reference_bounds,
-    reference_metrics,
-    run_distributed_script,
-)
+from tests.helpers.lit_monitor import MonitoredModule, RecordingLogger, run_distributed_script
+from tests.helpers.monitor_reference import compare_metrics, reference_bounds, reference_metrics
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(),

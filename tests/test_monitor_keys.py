@@ -19,15 +19,8 @@ from torch import nn
 from lightning_adamw.monitor import WeightDecayMonitor
 from lightning_adamw.param_groups import build_param_groups
 from lightning_adamw.update_split import group_labels, layer_labels
-from tests.scripts.monitor_common import (
-    MonitoredModule,
-    RecordingLogger,
-    StepRecorder,
-    compare_metrics,
-    fit,
-    reference_bounds,
-    reference_metrics,
-)
+from tests.helpers.lit_monitor import MonitoredModule, RecordingLogger, StepRecorder, fit
+from tests.helpers.monitor_reference import compare_metrics, reference_bounds, reference_metrics
 
 
 class BackboneAndHead(MonitoredModule):

@@ -145,8 +145,11 @@ def test_norm_rule_covers_only_parameters_the_norm_owns() -> None:
 def test_class_name_rule_can_be_turned_off_or_replaced() -> None:
     model = nn.Sequential(nn.Linear(2, 2), MyRMSNorm(2))
     assert reasons(model, norm_class_pattern=None)["1.scale"] == (NO_DECAY, "1-D")
+    assert reasons(model, norm_class_pattern="MyRMS")["1.scale"] == (NO_DECAY, "norm:MyRMSNorm")
+    # A class matched by its name only claims vector-shaped tensors: the (4, 3) table is a matrix the class holds
+    # (only `extra_norm_types` trusts a class with every tensor, see below).
     r = reasons(nn.Sequential(Modulation(3)), norm_class_pattern="Modulation")
-    assert r["0.table"] == (NO_DECAY, "norm:Modulation")
+    assert r["0.table"] == (DECAY, "matrix-in-norm:Modulation")
 
 
 def test_extra_norm_types() -> None:
@@ -221,6 +224,73 @@ def test_hooks_on_submodules_and_keywords() -> None:
     assert r["1.relative_position_bias_table"] == (NO_DECAY, "no_weight_decay_keywords()")
     assert r["1.proj.weight"] == (DECAY, "weight")
     assert reasons(model, use_model_hooks=False)["1.absolute_pos"] == (DECAY, "weight")
+
+
+class KeywordBackbone(nn.Module):
+    """timm / Swin style: the backbone declares names and keywords for its own tensors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(8, 24)
+        self.proj = nn.Linear(8, 8)
+        self.pos = nn.Parameter(torch.zeros(1, 4, 8))
+
+    def no_weight_decay(self) -> set[str]:
+        return {"pos"}
+
+    def no_weight_decay_keywords(self) -> set[str]:
+        return {"proj"}
+
+
+class KeywordModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = KeywordBackbone()
+        self.pos = nn.Parameter(torch.zeros(8, 8))
+        self.head_proj = nn.Linear(8, 100)  # "proj" is in its name, but the keyword is the backbone's
+
+
+def test_submodule_keywords_apply_only_to_its_own_tensors() -> None:
+    """A sub-module's no_weight_decay_keywords() are matched against the names relative to it, like its
+    no_weight_decay() names: the backbone's "proj" does not reach the head's `head_proj` matrix."""
+    r = reasons(KeywordModel())
+    assert r["backbone.proj.weight"] == (NO_DECAY, "no_weight_decay_keywords()")
+    assert r["backbone.pos"] == (NO_DECAY, "no_weight_decay()")
+    assert r["head_proj.weight"] == (DECAY, "weight")
+    assert r["pos"] == (DECAY, "weight")
+    # Nested one level deeper, and a keyword that would match the prefix ("backbone") matches nothing inside.
+    outer = nn.ModuleDict({"net": KeywordModel(), "proj": nn.Linear(8, 8)})
+    r = reasons(outer)
+    assert r["net.backbone.proj.weight"] == (NO_DECAY, "no_weight_decay_keywords()")
+    assert r["net.head_proj.weight"] == r["proj.weight"] == (DECAY, "weight")
+
+    class Prefixed(KeywordBackbone):
+        def no_weight_decay_keywords(self) -> set[str]:
+            return {"backbone"}
+
+    model = KeywordModel()
+    model.backbone = Prefixed()
+    assert reasons(model)["backbone.qkv.weight"] == (DECAY, "weight")
+
+
+def test_root_keywords_apply_to_every_tensor() -> None:
+    class Root(KeywordModel):
+        def no_weight_decay_keywords(self) -> set[str]:
+            return {"head_"}
+
+    r = reasons(Root())
+    assert r["head_proj.weight"] == (NO_DECAY, "no_weight_decay_keywords()")
+    assert r["backbone.proj.weight"] == (NO_DECAY, "no_weight_decay_keywords()")  # the backbone's own keyword
+    assert r["backbone.qkv.weight"] == (DECAY, "weight")
+
+
+def test_submodule_keywords_through_torch_compile_keep_their_scope() -> None:
+    """torch.compile's wrapper forwards attribute lookups: the wrapped backbone is named without `_orig_mod`."""
+    model = KeywordModel()
+    model.backbone = torch.compile(model.backbone)
+    r = reasons(model)
+    assert r["backbone.proj.weight"] == (NO_DECAY, "no_weight_decay_keywords()")
+    assert r["head_proj.weight"] == (DECAY, "weight")
 
 
 def test_patterns_glob_regex_and_forced_decay() -> None:

@@ -170,7 +170,7 @@ FAMILIES: dict[str, Family] = {
         no_decay=(r"\.bias$", r"norm\.weight$", r"layernorm(?:_before|_after)?\.weight$", r"\.logit_scale$"),
         thin_matrices=(r"^classifier\.weight$",),
     ),
-    "clip (0-d logit scale, 1-D class embedding)": Family(
+    "clip (0-d logit scale, 1-D class embedding token)": Family(
         lambda: t.CLIPModel(
             t.CLIPConfig(
                 text_config={
@@ -194,14 +194,15 @@ FAMILIES: dict[str, Family] = {
                 projection_dim=8,
             )
         ),
-        # OpenCLIP's recipe: no decay on gains, biases, the logit scale and other tensors with ndim < 2.
+        # No decay on gains, biases and the logit scale. The (C,) class embedding is a learned token like BLIP's
+        # (1, 1, C) one: an embedding, decayed unless exclude_embeddings=True (OpenCLIP's recipe, which excludes
+        # every tensor with ndim < 2, would not decay it; pass no_decay_patterns="*class_embedding" for that).
         no_decay=(
             r"\.bias$",
             r"layer_norm\d?\.weight$",
             r"layrnorm\.weight$",
             r"layernorm\.weight$",
             r"^logit_scale$",
-            r"class_embedding$",
         ),
     ),
     "rwkv (time-mix gains (1, 1, C), time_decay, time_first)": Family(
@@ -313,7 +314,8 @@ FAMILIES: dict[str, Family] = {
                 v_channels=8,
             )
         ),
-        # The latent array is a (num_latents, d_latents) matrix of learned queries: decayed.
+        # The latent array is a (num_latents, d_latents) array of learned queries, an embedding: decayed unless
+        # exclude_embeddings=True (test_learned_tokens_and_arrays_follow_exclude_embeddings).
         no_decay=(r"\.bias$", r"layernorm\d?\.weight$"),
     ),
 }
@@ -393,6 +395,27 @@ def test_learned_tokens_are_embeddings() -> None:
         assert all(by_leaf[t].reason == "embedding" and by_leaf[t].group == DECAY for t in tokens)
         excluded = {d.name.rsplit(".", 1)[-1]: d for d in classify_parameters(model, exclude_embeddings=True)}
         assert all(excluded[t].group == NO_DECAY for t in tokens)
+
+
+def test_learned_tokens_and_arrays_follow_exclude_embeddings() -> None:
+    """A learned token or input array is an embedding whatever its shape: CLIP's (C,) class embedding, DeiT's
+    (1, 1, C) tokens, Perceiver's (N, C) latents; exclude_embeddings moves all of them, and nothing else."""
+    families = (
+        "clip (0-d logit scale, 1-D class embedding token)",
+        "deit (cls and distillation tokens, two one-label heads)",
+        "perceiver (learned latents)",
+    )
+    for family in families:
+        model = build(family)
+        plain = {d.name: d for d in classify_parameters(model)}
+        excluded = {d.name: d for d in classify_parameters(model, exclude_embeddings=True)}
+        arrays = [n for n in plain if re.search(r"class_embedding$|_token$|\.latents$", n)]
+        assert arrays, family
+        for name in arrays:
+            assert (plain[name].group, plain[name].reason) == (DECAY, "embedding"), name
+            assert (excluded[name].group, excluded[name].reason) == (NO_DECAY, "embedding"), name
+        moved = {n for n in plain if plain[n].group != excluded[n].group}
+        assert moved == {n for n in plain if plain[n].reason == "embedding"}, family
 
 
 def test_mamba_a_log_follows_the_reference_recipe_with_a_pattern() -> None:

@@ -20,57 +20,21 @@ from lightning_adamw.update_split import (
     take_snapshot,
     update_split,
 )
-from tests.helpers.tolerance import SAFETY, gamma, unit_roundoff
-from tests.scripts.monitor_common import compare_metrics, reference_bounds, reference_metrics
+from lightning_adamw.update_split.scalars import bias_corrections, replay_device, replay_float32, replay_host
+from tests.helpers.monitor_bounds import bias_correction_rel
+from tests.helpers.monitor_reference import (
+    check_split,
+    checked_step,
+    compare_metrics,
+    make_model,
+    reference_bounds,
+    reference_metrics,
+    snapshot_record,
+)
+from tests.helpers.tolerance import SAFETY, formula_rel, gamma, unit_roundoff
 
 U64 = unit_roundoff(torch.float64)
 U32 = unit_roundoff(torch.float32)
-
-
-def make_model(dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.ReLU(), nn.Linear(16, 4)).to(dtype)
-
-
-def snapshot_record(opt: torch.optim.Optimizer, step: int, closure: Callable[[], Any]) -> dict[str, Any]:
-    """Run ``closure`` (backward) and ``opt.step()``, recording float64 snapshots as StepRecorder does."""
-    closure()
-    groups = []
-    for i, g in enumerate(opt.param_groups):
-        groups.append(
-            {
-                "label": g.get("name") or f"group{i}",
-                "lr": float(g["lr"]),
-                "weight_decay": float(g["weight_decay"]),
-                "maximize": bool(g.get("maximize", False)),
-                "decoupled": bool(g.get("decoupled_weight_decay", False)),
-                "names": list(
-                    g.get("param_names") or [f"group{i}.param{j}" for j in range(len(g["params"]))]
-                ),
-                "named": g.get("param_names") is not None,
-                "dtypes": [str(p.dtype) for p in g["params"]],
-                "old": [p.detach().double().clone() for p in g["params"]],
-            }
-        )
-    opt.step()
-    for rg, g in zip(groups, opt.param_groups, strict=True):
-        rg["new"] = [p.detach().double().clone() for p in g["params"]]
-        rg["grad"] = [None if p.grad is None else p.grad.detach().double().clone() for p in g["params"]]
-    return {"step": step, "groups": groups}
-
-
-def formula_rel(k: int) -> float:
-    """Relative tolerance between two float64 evaluations of one closed form, each with at most ``k`` roundings
-    (products, quotients, square roots), in whatever order: ``2 gamma_k``."""
-    return SAFETY * 2.0 * gamma(k, U64)
-
-
-def check_split(split: us.UpdateSplit, record: dict[str, Any], adam_family: bool = True) -> None:
-    """The split's metrics (per layer too) within their derived error bounds of the snapshot reference."""
-    expected = reference_metrics(record, adam_family=adam_family)
-    bounds = reference_bounds(record, adam_family=adam_family)
-    bad = compare_metrics(split.metrics(per_layer=True), expected, bounds)
-    assert bad == {}, f"step {record['step']}: {bad}"
 
 
 def train_and_check(
@@ -348,22 +312,12 @@ def test_no_per_parameter_item_and_one_transfer(monkeypatch: pytest.MonkeyPatch)
     assert counts == {"item": 0, "cpu": 1}
 
 
-def bias_correction_rel(t: float, beta: float, u: float, beta_u: float = 0.0) -> tuple[float, float]:
-    """Relative error bounds of ``lr / (1 - beta**t)`` and ``sqrt(1 - beta**t)`` computed with unit roundoff
-    ``u``: ``beta**t`` carries a ``pow`` of at most 1 ulp (``2u``) and ``t * beta_u`` from rounding ``beta``
-    itself to the working dtype; ``1 - beta**t`` turns that absolute error into ``beta**t / (1 - beta**t)``
-    times it (cancellation) plus its own rounding; then the division (with the cast of ``lr``: 2 roundings) or
-    the square root (halves the relative error; 1 ulp more for ``**0.5``)."""
-    power = beta**t
-    diff = (2.0 * u + t * beta_u) * power / (1.0 - power) + u
-    return diff + gamma(2, u), diff / 2.0 + 2.0 * u
-
-
 def test_device_bias_scalars_match_host() -> None:
     ts, lr, betas = (1, 2, 50, 1000), 1e-3, (0.9, 0.999)
     steps = [torch.tensor(float(t)) for t in ts]
-    host = us._bias_scalars_host(steps, lr, *betas)
-    device = us._bias_scalars_device(steps, lr, *betas)
+    stacked = torch.stack(steps)
+    host = replay_host(stacked, lr, *betas)
+    device = replay_device(stacked, lr, *betas)  # (CPU tensors here: the same float64 arithmetic)
     # (on a device they come back as one vector each: no 0-d tensor per parameter)
     assert isinstance(device[0], torch.Tensor) and device[0].shape == (len(steps),)
     # float64 on both sides: the two errors add up
@@ -371,11 +325,11 @@ def test_device_bias_scalars_match_host() -> None:
     for h, d, rel in zip(host[0] + host[1], [*device[0], *device[1]], tol, strict=True):
         assert float(d) == pytest.approx(h, rel=SAFETY * rel, abs=0)
     # a replay with lr in float32 (one float32 rounding of lr) would be caught
-    wrong = us._bias_scalars_host(steps, float(torch.tensor(lr, dtype=torch.float32)), *betas)
+    wrong = replay_host(stacked, float(torch.tensor(lr, dtype=torch.float32)), *betas)
     assert float(device[0][0]) != pytest.approx(wrong[0][0], rel=SAFETY * tol[0], abs=0)
     # capturable Adam's float32 replay (beta and lr rounded to float32 too): the same up to float32 cancellation
     # in 1 - beta**t; the float64 side's error is negligible next to it
-    capturable = us._bias_scalars_capturable(steps, lr, *betas)
+    capturable = replay_float32(stacked, lr, *betas)
     tol = [
         bias_correction_rel(t, beta, U32, U32)[which] + 2 * U32
         for which, beta in enumerate(betas)
@@ -388,7 +342,7 @@ def test_device_bias_scalars_match_host() -> None:
 def test_capturable_bias_corrections_replay_torch() -> None:
     """torch's capturable path computes 1 - beta**t in float32; the reconstruction must use the same numbers."""
     steps = [torch.tensor(1.0)]
-    ss, bc2 = us._bias_scalars_capturable(steps, 1e-2, 0.9, 0.999)
+    ss, bc2 = bias_corrections(steps, 1e-2, 0.9, 0.999, float32=True)
     bc1_t = torch._foreach_pow(0.9, steps)
     torch._foreach_sub_(bc1_t, 1)
     torch._foreach_div_(bc1_t, 1e-2)
@@ -459,7 +413,7 @@ def test_derived_metric_formulas() -> None:
     lr, wd, beta1, numel = 1e-3, 0.05, 0.9, 1000
     metrics = derive_metrics(
         "adamw",
-        [1.0, 0.0, 0.0, 1.0, 0.0, 0.0, numel, 1],
+        [1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, numel, 1],
         lr=lr,
         weight_decay=wd,
         beta1=beta1,
@@ -474,16 +428,18 @@ def test_derived_metric_formulas() -> None:
     )
     assert metrics["ema_timescale_steps"] == pytest.approx(1 / (lr * wd), rel=formula_rel(2), abs=0)
     assert metrics["ema_timescale_epochs"] == pytest.approx(1 / (lr * wd * 20), rel=formula_rel(3), abs=0)
-    without_momentum = derive_metrics("adamw", [1, 0, 0, 1, 0, 0, 1, 1], lr=lr, weight_decay=wd, beta1=0.0)
+    without_momentum = derive_metrics(
+        "adamw", [1, 0, 0, 1, 0, 0, 0, 0, 1, 1], lr=lr, weight_decay=wd, beta1=0.0
+    )
     angle = math.sqrt(2 * lr * wd)
     assert without_momentum["equilibrium_angular_update"] == pytest.approx(angle, rel=formula_rel(6), abs=0)
-    no_decay = derive_metrics("adamw", [1, 0, 0, 1, 0, 0, 1, 1], lr=lr, weight_decay=0.0)
+    no_decay = derive_metrics("adamw", [1, 0, 0, 1, 0, 0, 0, 0, 1, 1], lr=lr, weight_decay=0.0)
     assert no_decay["decay_norm"] == 0.0 and "equilibrium_weight_norm" not in no_decay
 
 
 def test_documented_metric_names_are_the_computed_ones() -> None:
     """The name tuples (copied into the docs) list exactly what each kind of group and tensor reports."""
-    sums = [4.0, 1.0, 0.3, 4.5, 2.0, 0.1, 10, 1]
+    sums = [4.0, 1.0, 0.3, 4.5, 2.0, 0.1, 2, 0.5, 10, 1]  # (indexed by Col)
     full = derive_metrics("adamw", sums, lr=1e-2, weight_decay=0.1, beta1=0.9, steps_per_epoch=5)
     assert set(full) == set(us.ADAMW_GROUP_METRICS)
     layer = derive_metrics("adamw", sums, lr=1e-2, weight_decay=0.1, group_level=False)
@@ -523,3 +479,57 @@ def test_packed_path_with_different_step_counts_per_tensor() -> None:
         if step > 0:
             assert len(steps) == 2
         check_split(update_split(opt), record)
+
+
+def test_tensor_metrics_are_derived_on_demand() -> None:
+    model = make_model(torch.float32)
+    opt = torch.optim.AdamW(build_param_groups(model, 0.1), lr=1e-2)
+    split, _ = checked_step(model, opt, 0)
+    fresh = update_split(opt)
+    tensor = fresh.groups[0].tensors[0]
+    assert tensor._metrics is None  # group metrics alone do not build the per-tensor dicts
+    fresh.metrics()
+    assert tensor._metrics is None
+    layer = fresh.metrics(per_layer=True)
+    assert tensor._metrics is not None and layer == split.metrics(per_layer=True)
+    assert all(math.isfinite(v) for v in layer.values())
+
+
+def test_functional_core_imports_no_lightning() -> None:
+    """Functional core, Lightning shell: the grouping and update arithmetic load with torch alone, and neither
+    they nor ``import lightning_adamw`` import Triton."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, lightning_adamw, lightning_adamw.param_groups, lightning_adamw.update_split, "
+        "lightning_adamw.update_split.backends, lightning_adamw.optim_checks, lightning_adamw.schedules\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning', 'triton'))\n"
+        "assert not bad, bad[:5]\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_reference_adam_step_replays_torch() -> None:
+    """The package's one written-out Adam step (used by tests, benchmarks and examples) is torch's: AdamW and
+    Adam + L2, amsgrad and maximize, on float64 tensors, within float64 rounding of torch's own step."""
+    from lightning_adamw.update_split.backends.reference import adam_step
+
+    for cls, kwargs in [
+        (torch.optim.AdamW, {"weight_decay": 0.1, "amsgrad": True}),
+        (torch.optim.Adam, {"weight_decay": 0.1, "maximize": True}),
+    ]:
+        torch.manual_seed(0)
+        w = nn.Parameter(torch.randn(50, dtype=torch.float64))
+        opt = cls([w], lr=1e-2, foreach=False, **kwargs)
+        mine = w.detach().clone()
+        state: dict[str, Any] = {}
+        for _ in range(3):
+            g = torch.randn(50, dtype=torch.float64)
+            w.grad = g.clone()
+            mine = adam_step(mine, g, state, lr=1e-2, decoupled=cls is torch.optim.AdamW, **kwargs)
+            opt.step()
+        # a dozen float64 roundings per element on either side, relative to the step and the weights
+        tol = 2 * SAFETY * gamma(16, U64) * (w.detach().abs() + 1e-2)
+        assert ((mine - w.detach()).abs() <= tol).all(), cls.__name__

@@ -1,4 +1,4 @@
-"""Prove ``tests.wandb_reader`` on real offline W&B runs (plain ``wandb`` and Lightning's WandbLogger)."""
+"""Prove ``tests.helpers.wandb_reader`` on real offline W&B runs (plain ``wandb`` and Lightning's WandbLogger)."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ import wandb
 from lightning.pytorch.loggers import WandbLogger
 from wandb.proto import wandb_internal_pb2
 
-from tests.scripts.monitor_common import RecordingLogger
-from tests.wandb_reader import (
+from tests.helpers.lit_monitor import RecordingLogger
+from tests.helpers.wandb_reader import (
     BLOCK_SIZE,
     CHUNK_HEADER_SIZE,
     WandbLogFormatError,

@@ -32,17 +32,30 @@ from __future__ import annotations
 
 import inspect
 import os
+import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from types import MethodType
 from typing import Any, NoReturn
 
+import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, LRSchedulerTypeUnion
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.optim import Optimizer
 
-from lightning_adamw.cli.checks import check_conflicting_optimizers, check_finite_settings
+from lightning_adamw.cli.checks import (
+    MODEL_OPTIMIZER_SETTINGS,
+    _model_args,
+    check_conflicting_optimizers,
+    check_finite_settings,
+    check_model_settings_used,
+    check_weight_decay_options,
+    optimizer_replaces_model_settings,
+    unused_settings_message,
+)
+from lightning_adamw.cli.given import command_line_model_settings, given_config, given_model_args, model_args
 from lightning_adamw.cli.optimizers import (
     ClassConfig,
     Factory,
@@ -51,8 +64,10 @@ from lightning_adamw.cli.optimizers import (
     registered_config,
     step_interval_scheduler_config,
 )
-from lightning_adamw.cli.parser import AdamWArgumentParser, class_change_rules, import_path
+from lightning_adamw.cli.parser import AdamWArgumentParser, class_change_rules, import_path, same_class
+from lightning_adamw.cli.resume import split_checkpoint_hparams
 from lightning_adamw.mixin import DecoupledWeightDecayMixin
+from lightning_adamw.weight_decay import WeightDecayScheduler
 
 __all__ = ["BUILT_IN_JOB", "AdamWCLI", "main"]
 
@@ -110,9 +125,21 @@ class AdamWCLI(LightningCLI):
         if self.model_class is None:  # the generic command, not a CLI made for one model
             defaults.update(BUILT_IN_JOB)
         parser.set_defaults(defaults)
+        parser.add_argument(
+            "--weight_decay_schedule",
+            type=dict[str, Any] | str | None,
+            default=None,
+            help=(
+                "Weight decay over time for a DecoupledWeightDecayMixin model, whatever its __init__ takes: "
+                "constant, independent, adamc, cosine, linear, or a dict with options ({name: cosine, "
+                "final_ratio: 0.1}). Same as the model's own weight_decay_schedule setting; giving both is an error."
+            ),
+        )
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """Parse so that a changed class starts from its own defaults, then check the result (see module doc)."""
+        self._lightning_adamw_args = args
+        self._lightning_adamw_given: dict[str, Any] | bool | None = False  # computed on first use
         with class_change_rules(report=lambda change: rank_zero_info(change.message())):
             super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
@@ -123,10 +150,86 @@ class AdamWCLI(LightningCLI):
                 automatic_registrations(target) if self.auto_configure_optimizers else (None, None)
             )
             plain = config.as_dict() if hasattr(config, "as_dict") else dict(config)
-            check_finite_settings(plain, optimizer, scheduler, mixin_model=self._mixin_model(plain))
+            mixin = self._mixin_model(plain)
+            check_finite_settings(plain, optimizer, scheduler, mixin_model=mixin)
             check_conflicting_optimizers(plain, optimizer, scheduler)
+            if mixin and optimizer_replaces_model_settings(plain, optimizer):
+                self._check_model_settings_used(plain, optimizer, subcommand)
+            model_init, _ = _model_args(plain)
+            if plain.get("weight_decay_schedule") is not None or any(
+                model_init.get(k) is not None
+                for k in ("weight_decay_schedule", "ema_timescale_epochs", "ema_timescale_fraction")
+            ):
+                if plain.get("weight_decay_schedule") is not None and not mixin:
+                    raise ValueError(
+                        "--weight_decay_schedule needs a model that uses DecoupledWeightDecayMixin (the model "
+                        f"class {model_args(plain)[0]} does not)"
+                    )
+                has_timescale = any(
+                    model_init.get(k) is not None for k in ("ema_timescale_epochs", "ema_timescale_fraction")
+                )
+                given = self._given() if has_timescale else None
+                section = given.get(subcommand) if given is not None and subcommand else given
+                check_weight_decay_options(plain, section, optimizer, plain.get("weight_decay_schedule"))
         except ValueError as err:
             target.error(f"lightning-adamw: {err}")
+
+    def _check_model_settings_used(
+        self, config: dict[str, Any], optimizer: Any, subcommand: str | None
+    ) -> None:
+        """A model ``lr`` / ``weight_decay`` / ``betas`` / ``eps`` that the optimizer given by class would not read:
+        given on the command line, an error; set in a config file, a warning naming them."""
+        command_line = command_line_model_settings(self._lightning_adamw_args, MODEL_OPTIMIZER_SETTINGS)
+        check_model_settings_used(config, command_line, optimizer)
+        _, given = given_model_args(self._given(), subcommand)
+        message = unused_settings_message(config, {k for k in given if k not in command_line}, optimizer)
+        if message:
+            rank_zero_warn(message, category=UserWarning)
+
+    def _given(self) -> dict[str, Any] | None:
+        """What this command gives (command line and config files, no defaults); see
+        :mod:`lightning_adamw.cli.given`. Parsed once, on first use."""
+        if self._lightning_adamw_given is False:
+            self._lightning_adamw_given = given_config(self.parser, self._lightning_adamw_args)
+        return self._lightning_adamw_given  # type: ignore[return-value]
+
+    def _parse_ckpt_path(self) -> None:
+        """``--ckpt_path``: the checkpoint's hyperparameters fill in what this run does not give (stock
+        LightningCLI lets them overwrite the command line); one info line says what came from where."""
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        ckpt_path = self.config[subcommand].get("ckpt_path")
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        checkpoint = torch.load(ckpt_path, weights_only=True, map_location="cpu")
+        hparams = dict(checkpoint.get("hyper_parameters") or {})
+        hparams.pop("_instantiator", None)
+        if not hparams:
+            return
+        given = self._given()
+        current_class, current_args = model_args(self.config[subcommand])
+        if given is None:
+            # Cannot tell what was given: count every argument that differs from the class's default as given.
+            given_class, given_args = None, _non_default_args(current_class, current_args)
+        else:
+            given_class, given_args = given_model_args(given, subcommand)
+        split = split_checkpoint_hparams(
+            hparams, current_class, current_args, given_class, given_args, same_class=same_class
+        )
+        message = split.message(str(ckpt_path))
+        if split.other_class is None and split.applied:
+            try:
+                # A silent class-change rule: a class taken from the checkpoint starts from its own defaults.
+                with class_change_rules():
+                    self.config = self.parser.parse_object(
+                        {subcommand: {"model": split.config()}}, self.config
+                    )
+            except SystemExit:
+                sys.stderr.write("Parsing of ckpt_path hyperparameters failed!\n")
+                raise
+        if message:
+            rank_zero_info(message)
 
     def _mixin_model(self, config: dict[str, Any]) -> bool:
         """Whether the configured model class uses the mixin (``False`` if it cannot be told before it is built)."""
@@ -137,6 +240,14 @@ class AdamWCLI(LightningCLI):
         if cls is None:
             cls = self.model_class
         return isinstance(cls, type) and issubclass(cls, DecoupledWeightDecayMixin)
+
+    def after_instantiate_classes(self) -> None:
+        """Hand a top-level ``--weight_decay_schedule`` to the model (it wins over nothing: both given is a parse
+        error)."""
+        config_init = getattr(self, "config_init", None)  # absent when a subclass builds nothing
+        value = self._get(config_init, "weight_decay_schedule") if config_init is not None else None
+        if value is not None and isinstance(getattr(self, "model", None), DecoupledWeightDecayMixin):
+            self.model.override_setting("weight_decay_schedule", value, "--weight_decay_schedule")
 
     def before_instantiate_classes(self) -> None:
         """Default W&B to offline (through ``WANDB_MODE``) before the logger is built."""
@@ -310,7 +421,26 @@ def _describe(result: Any, optimizer_config: ClassConfig | None, scheduler_confi
             else "the model's own settings (lr_scheduler / lr_schedule)"
         )
         line += f"lr scheduler {type(sched).__qualname__} from {where}, stepped every {interval}"
+    wd_scheduler = WeightDecayScheduler.of(optimizer)
+    if wd_scheduler is not None:
+        line += f"; {wd_scheduler.describe()}"
     return line
+
+
+def _non_default_args(class_path: str | None, args: dict[str, Any]) -> dict[str, Any]:
+    """The arguments that differ from the class's ``__init__`` defaults (all of them if those cannot be read)."""
+    cls = import_path(class_path) if class_path else None
+    try:
+        parameters = inspect.signature(cls).parameters if isinstance(cls, type) else {}
+    except (TypeError, ValueError):
+        parameters = {}
+    return {
+        k: v
+        for k, v in args.items()
+        if k not in parameters
+        or parameters[k].default is inspect.Parameter.empty
+        or parameters[k].default != v
+    }
 
 
 def _warn_decays_everything(model_name: str, optimizer: ClassConfig) -> None:

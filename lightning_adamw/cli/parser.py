@@ -31,12 +31,19 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from lightning.pytorch.cli import LightningArgumentParser
 
-__all__ = ["AdamWArgumentParser", "ClassChange", "check_mechanism", "class_change_rules", "import_path"]
+__all__ = [
+    "AdamWArgumentParser",
+    "ClassChange",
+    "check_mechanism",
+    "class_change_rules",
+    "import_path",
+    "same_class",
+]
 
 
 @dataclass(frozen=True)
@@ -61,13 +68,12 @@ class ClassChange:
     source: str
 
     def same_change(self, other: ClassChange) -> bool:
-        """The same change, wherever it was seen."""
-        return (self.old_class, self.new_class, repr(self.dropped), repr(self.carried)) == (
-            other.old_class,
-            other.new_class,
-            repr(other.dropped),
-            repr(other.carried),
-        )
+        """The same change from the same place. jsonargparse applies a class change once while parsing and
+        again when it merges the subcommand's values, then with the values from *before* later options (a
+        ``--model.lr`` given before ``--model X`` shows up as the config file's lr): the first report is the
+        one that describes what the user wrote."""
+        # (the second application names the command line whatever the source was: compare the classes only)
+        return (self.old_class, self.new_class) == (other.old_class, other.new_class)
 
     def message(self) -> str:
         old, new = _short(self.old_class), _short(self.new_class)
@@ -95,6 +101,10 @@ _COMMAND_LINE = "on the command line"
 class _Recorder:
     report: Callable[[ClassChange], None]
     seen: list[ClassChange]
+    #: config files or strings read to the end: before the first, a class's init_args are its own defaults
+    configs_read: int = 0
+    #: every class change applied so far, reported or not
+    applied: list[ClassChange] = field(default_factory=list)
 
 
 # The parse in progress under the rule; None outside AdamWCLI's parsing (stock behaviour).
@@ -117,7 +127,7 @@ def import_path(class_path: Any) -> Any:
         return None
 
 
-def _same_class(a: Any, b: Any) -> bool:
+def same_class(a: Any, b: Any) -> bool:
     """Two class paths that import the same object (``torch.optim.AdamW`` is ``torch.optim.adamw.AdamW``)."""
     if a == b:
         return True
@@ -175,7 +185,7 @@ def _install() -> None:
             or not hasattr(prev_val, "clone")  # jsonargparse passes Namespaces; anything else: stock rules
             or "init_args" not in prev_val
             or prev_val.get("class_path") is None  # init args given alone: for the class now named
-            or _same_class(prev_val["class_path"], value["class_path"])
+            or same_class(prev_val["class_path"], value["class_path"])
         ):
             original(parser_or_action, prev_val, value)
             return
@@ -192,18 +202,25 @@ def _install() -> None:
             # describe it. The base's defaults are not carried, so the subclass's own defaults win.
             old_defaults = _class_defaults(old_path, sub_add_kwargs)
             carried = {k: v for k, v in kept_args.items() if k not in old_defaults or old_defaults[k] != v}
+        # Before any config was read to its end, the old class's init_args are its own defaults (the built-in
+        # job's model), nothing the user wrote; only values someone set are worth a line.
+        unset = {} if recorder.configs_read else _class_defaults(old_path, sub_add_kwargs)
         dropped = {
             k: v
             for k, v in kept_args.items()
-            if k not in carried and (k not in new_defaults or new_defaults[k] != v)
+            if k not in carried
+            and (k not in new_defaults or new_defaults[k] != v)
+            and (k not in unset or unset[k] != v)
         }
         for key, _ in list(prev_val.init_args.items(branches=True, nested=False)):
             if key not in carried:
                 prev_val.init_args.pop(key)
-        if dropped or carried:
-            change = ClassChange(old_path, new_path, dropped, carried, _source.get())
-            # jsonargparse may apply one config value twice (reading the file, then merging it): report once.
-            if not any(change.same_change(seen) for seen in recorder.seen):
+        change = ClassChange(old_path, new_path, dropped, carried, _source.get())
+        # jsonargparse may apply one change twice (parsing, then merging the subcommand, with the values from
+        # before): the first application is the one that describes what the user wrote; report it, or nothing.
+        if not any(change.same_change(seen) for seen in recorder.applied):
+            recorder.applied.append(change)
+            if dropped or carried:
                 recorder.seen.append(change)
                 recorder.report(change)
 
@@ -259,6 +276,9 @@ def _reading(source: str) -> Iterator[None]:
         yield
     finally:
         _source.reset(token)
+        recorder = _changes.get()
+        if recorder is not None:
+            recorder.configs_read += 1
 
 
 class AdamWArgumentParser(LightningArgumentParser):

@@ -16,17 +16,21 @@ The rules, in the order they are tried for each parameter (the first that matche
 1. ``decay_patterns``      -> decay     (user override, forced decay)
 2. ``no_decay_patterns``   -> no_decay  (user override)
 3. model-declared          -> no_decay  (names the model lists in ``no_weight_decay()`` / substrings from
-   ``no_weight_decay_keywords()``, the timm convention; then tensors flagged ``param._no_weight_decay = True``
-   (Mamba) or ``param._optim = {"weight_decay": 0.0, ...}``; a non-zero ``_optim`` weight decay puts the tensor in
-   decay with that value)
-4. normalization module    -> no_decay  (torch's norm types, ``extra_norm_types``, or a class name that
-   matches ``norm_class_pattern``; only parameters the norm module owns directly)
+   ``no_weight_decay_keywords()``, the timm convention, each module's for its own tensors (names relative to
+   it); then tensors flagged ``param._no_weight_decay = True`` (Mamba) or ``param._optim = {"weight_decay": 0.0,
+   ...}``; a non-zero ``_optim`` weight decay puts the tensor in decay with that value)
+4. normalization module    -> no_decay  (torch's norm types and ``extra_norm_types``: every tensor they own
+   directly; a class whose name matches ``norm_class_pattern``: its vector-shaped tensors only, a tensor with two
+   or more dimensions larger than 1 there is a matrix (adaLN modulation) and goes on to the next rules, reason
+   ``matrix-in-norm:<Class>`` when it ends decayed)
 5. bias                    -> no_decay  (``bias`` / ``biases`` is a word of the leaf name: ``bias``,
    ``in_proj_bias``, ``bias_k``, ``relative_position_bias_table``, ``attention_biases``; and embedding tables
    held under a bias name, T5's ``relative_attention_bias``)
 6. embedding               -> decay, or no_decay with ``exclude_embeddings=True`` (``nn.Embedding`` /
-   ``nn.EmbeddingBag`` weights, and tensors whose leaf name says they are embeddings or learned tokens,
-   ``pos_embed``, ``cls_token``, ``register_tokens``)
+   ``nn.EmbeddingBag`` weights; learned tokens and arrays whatever their shape, by the last word of the leaf name:
+   ``pos_embed``, ``class_embedding``, ``masked_spec_embed``, ``cls_token``, ``register_tokens``, ``latents``;
+   tables held by an embeddings module that are not a layer's weight: Perceiver's ``embeddings.latents``,
+   Reformer's ``position_embeddings.weights.0``)
 7. vector-shaped           -> no_decay  (``ndim <= 1``: reason ``1-D``; at most one dimension larger than 1 and
    not the weight of a Linear/Conv/Embedding-like layer, e.g. GRN's (1, 1, 1, C) gain: reason ``vector-shaped``)
 8. everything else         -> decay

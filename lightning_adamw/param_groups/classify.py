@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -118,21 +119,23 @@ def _hook_names(module: nn.Module, prefix: str, method: str) -> set[str]:
         ) from None
 
 
-def _collect_hooks(nodes: list[ModuleNode]) -> tuple[set[str], set[str]]:
-    """Names from every ``no_weight_decay()`` and substrings from every ``no_weight_decay_keywords()``.
+def _collect_hooks(nodes: list[ModuleNode]) -> tuple[set[str], set[tuple[str, str]]]:
+    """Names from every ``no_weight_decay()`` and ``(prefix, substring)`` from every ``no_weight_decay_keywords()``.
 
-    Hooks on sub-modules are honoured too: their names are prefixed with the sub-module's path, so a timm
-    backbone inside a LightningModule keeps its own list.
+    Hooks on sub-modules are honoured too, each for its own tensors: names are prefixed with the sub-module's path,
+    and its keywords are matched against names relative to it (``prefix`` is its path and a dot), so a timm
+    backbone inside a LightningModule keeps its own lists and they do not reach the head beside it.
     """
     names: set[str] = set()
-    keywords: set[str] = set()
+    keywords: set[tuple[str, str]] = set()
     seen: set[int] = set()
     for node in nodes:
         if id(node.module) in seen:
             continue
         seen.add(id(node.module))
-        names |= _hook_names(node.module, f"{node.name}." if node.name else "", "no_weight_decay")
-        keywords |= _hook_names(node.module, "", "no_weight_decay_keywords")
+        prefix = f"{node.name}." if node.name else ""
+        names |= _hook_names(node.module, prefix, "no_weight_decay")
+        keywords |= {(prefix, k) for k in _hook_names(node.module, "", "no_weight_decay_keywords")}
     return names, keywords
 
 
@@ -480,12 +483,37 @@ def _classify(
                 layer_id=layer_id,
                 num_layers=num_layers,
                 use_model_hooks=use_model_hooks,
+                norm_types=norm_types,
+                norm_name_re=norm_name_re,
             )
             if decay_factor is not None
             else None
         )
+        if depth_plan is not None and decay_factor is not None:
+            _warn_tied(sites, depth_plan, decay_factor)
         decisions = assign_groups(module, decisions, declarations, overrides, decay_factor, depth_plan)
     return decisions, sites
+
+
+def _warn_tied(sites: Mapping[int, list[ParamSite]], plan: DepthPlan, layer_decay: float) -> None:
+    """Tied weights (GPT-2's ``lm_head.weight`` is ``transformer.wte.weight``) are one tensor with one lr: say
+    which name's depth it trains at, since the other name may sit at the other end of the network."""
+    for places in sites.values():
+        names = list(dict.fromkeys(site.name for site in places))
+        if len(names) < 2 or names[0] not in plan.depths:
+            continue
+        depth = plan.depths[names[0]]
+        scale = layer_decay_scale(layer_decay, depth, plan.num_layers)
+        others = ", ".join(f"`{n}`" for n in names[1:])
+        warnings.warn(
+            f"layer_decay: {others} {'is' if len(names) == 2 else 'are'} the same tensor as `{names[0]}` (tied "
+            f"weights), and one tensor trains at one lr: that of `{names[0]}`, depth {depth} "
+            f"({plan.rules.get(names[0], 'automatic rule')}), lr scale {scale:.4g}, whatever depth {others} would "
+            f"have. To choose another, pass `layer_id` (it is asked about `{names[0]}`) or a `group_overrides` "
+            f"entry for `{names[0]}`.",
+            UserWarning,
+            stacklevel=4,
+        )
 
 
 def assign_groups(

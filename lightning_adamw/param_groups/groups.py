@@ -84,8 +84,8 @@ def build_param_groups(
         weight_decay: decay of the ``"decay"`` group. ``None`` leaves the key out, so the optimizer's own
             ``weight_decay`` default applies (used when the optimizer was configured elsewhere, e.g. LightningCLI).
             The ``"no_decay"`` group always gets ``0.0``.
-        exclude_embeddings: also put embedding tables (and ``pos_embed`` / ``cls_token``-like tensors) in
-            ``"no_decay"``.
+        exclude_embeddings: also put embedding tables and learned tokens and arrays (``pos_embed``,
+            ``cls_token``, ``class_embedding``, ``latents``, whatever their shape) in ``"no_decay"``.
         no_decay_patterns: extra names to exclude from decay: globs (``"*.gate"``) or ``"re:<regex>"``, matched
             against the names ``module.named_parameters()`` prints (wrapper prefixes left out).
         decay_patterns: names to decay whatever the other rules say (same syntax); must not overlap the above.
@@ -120,7 +120,9 @@ def build_param_groups(
             see :mod:`lightning_adamw.param_groups.depth`. Groups are split per depth (``decay/layer_3``,
             ``no_decay/embed``, ``decay/head``) and carry ``layer_depth``. ``1.0`` keeps the depth groups with
             ``lr_scale`` 1 (same group names across a sweep). Overrides multiply: ``decay/layer_3/<name>``.
-        layer_id: callable ``name -> depth`` (int in ``0..L+1``), used instead of the model's hooks and names.
+        layer_id: callable ``name -> depth`` (int in ``0..L+1``), used instead of the model's hooks and names;
+            returning ``None`` for a tensor leaves that one to them (what the errors about a tensor whose place
+            relative to the blocks is unknown suggest).
         num_layers: ``L``; default: the number of blocks found (with ``layer_id``: the largest depth minus 1).
         lr: the optimizer's learning rate: each group gets ``"lr": lr * lr_scale`` (and ``lr_scale_applied``).
             Required when any ``lr_scale`` is not 1, unless ``defer_lr_scale``.

@@ -32,6 +32,7 @@ __all__ = [
     "decide",
     "is_embedding_layer",
     "is_embedding_name",
+    "is_norm_layer",
     "name_words",
     "pattern_matches",
     "tensor_views",
@@ -79,12 +80,22 @@ DEFAULT_MATRIX_CLASS_PATTERN = (
     r"(?:Linear|Conv|Dense|Embedding)(?:Transpose)?(?:[123][dD])?(?:Same|Bag|General|\d*bit\w*|FP8|Fp8)?$"
 )
 
-# Leaf names of raw parameters that hold embeddings: ViT ``pos_embed``, ``wpe``-like tables, and learned tokens
-# (``cls_token``, DeiT ``distillation_token``, ``mask_token``, DINOv2 ``register_tokens``, BLIP-2 ``query_tokens``).
+# Names that say embedding or learned token, anywhere in the name (``patch_embed``, ``embed_tokens``,
+# ``word_embeddings_layernorm``, ``emb_rel_k``, ``cls_token``). For a tensor's own leaf name this only says that it
+# belongs to an embedding; see ``_EMBEDDING_NOUN`` for the leaf that *is* one.
 _EMBEDDING_LEAF = re.compile(r"(?:^|_)(?:embed|embeds|embedding|embeddings|emb)(?:$|_)|(?:^|_)tokens?$")
+# A leaf whose last word names an embedding or a learned input array: ViT ``pos_embed``, CLIP ``class_embedding``,
+# wav2vec2 ``masked_spec_embed``, XLNet ``mask_emb``, learned tokens (``cls_token``, DeiT ``distillation_token``,
+# ``mask_token``, DINOv2 ``register_tokens``, BLIP-2 ``query_tokens``) and Perceiver / Flamingo ``latents`` (a
+# learned array of queries, like DETR's ``query_embed`` table). Such a tensor is an embedding whatever its shape
+# (CLIP's class embedding is (C,), BLIP's (1, 1, C)), so ``exclude_embeddings`` decides for all of them.
+_EMBEDDING_NOUN = re.compile(r"(?:^|_)(?:embed|embeds|embedding|embeddings|emb|tokens?|latents)$")
 _EMBEDDING_TYPES: tuple[type[nn.Module], ...] = (nn.Embedding, nn.EmbeddingBag)
 # Embedding tables of libraries that do not subclass nn.Embedding (Megatron's VocabParallelEmbedding, ...).
 _EMBEDDING_CLASS = re.compile(r"Embedding(?:Bag)?(?:\d*bit\w*)?$")
+# Modules that hold learned input arrays as raw tensors: ViT's ``ViTEmbeddings``, Perceiver's ``PerceiverEmbeddings``
+# (its ``latents``), Reformer's ``AxialPositionEmbeddings`` (its ``weights`` list of factor tables).
+_EMBEDDINGS_HOLDER_CLASS = re.compile(r"Embeddings$")
 _MATRIX_CLASS = re.compile(DEFAULT_MATRIX_CLASS_PATTERN)
 
 # The parametrization that torch.nn.utils.parametrizations.weight_norm registers (private: looked up defensively;
@@ -158,11 +169,19 @@ class TensorView:
     attr: str
     """Attribute under which ``owner`` sits in its parent (T5's ``relative_attention_bias``)."""
     gain: bool
+    holder: nn.Module
+    """The module the tensor belongs to: ``owner``, or for a ``ParameterList`` / ``ParameterDict`` the module that
+    holds the list (Reformer's ``AxialPositionEmbeddings`` for its ``weights.0``)."""
+    holder_attr: str
+    """Attribute under which ``holder`` sits in its parent."""
 
 
 def _view(site: ParamSite) -> TensorView:
     node, leaf = site.node, site.leaf
     owner = node.module
+    holder, holder_attr = owner, node.attr
+    if isinstance(owner, (nn.ParameterList, nn.ParameterDict)) and node.parent is not None:
+        holder, holder_attr = node.parent.module, node.parent.attr
     if isinstance(owner, parametrize.ParametrizationList):
         # layer.parametrizations.<tensor>.original[0|1]: the layer is two levels up, the tensor is the key.
         layer = node.parent.parent if node.parent is not None else None
@@ -172,17 +191,17 @@ def _view(site: ParamSite) -> TensorView:
                 and _WEIGHT_NORM_PARAMETRIZATION is not None
                 and isinstance(owner[0], _WEIGHT_NORM_PARAMETRIZATION)
             )
-            return TensorView(site.name, layer.module, node.attr, layer.attr, gain)
+            return TensorView(site.name, layer.module, node.attr, layer.attr, gain, layer.module, layer.attr)
     for hook in owner._forward_pre_hooks.values():
         # Old-style torch.nn.utils.weight_norm / spectral_norm keep their tensors on the layer itself.
         if isinstance(hook, WeightNorm):
             if leaf == f"{hook.name}_g":
-                return TensorView(site.name, owner, hook.name, node.attr, True)
+                return TensorView(site.name, owner, hook.name, node.attr, True, owner, node.attr)
             if leaf == f"{hook.name}_v":
-                return TensorView(site.name, owner, hook.name, node.attr, False)
+                return TensorView(site.name, owner, hook.name, node.attr, False, owner, node.attr)
         elif isinstance(hook, SpectralNorm) and leaf == f"{hook.name}_orig":
-            return TensorView(site.name, owner, hook.name, node.attr, False)
-    return TensorView(site.name, owner, leaf, node.attr, False)
+            return TensorView(site.name, owner, hook.name, node.attr, False, owner, node.attr)
+    return TensorView(site.name, owner, leaf, node.attr, False, holder, holder_attr)
 
 
 def tensor_views(sites: Sequence[ParamSite]) -> list[TensorView]:
@@ -197,8 +216,46 @@ def is_embedding_layer(owner: nn.Module) -> bool:
 
 def is_embedding_name(name: str) -> bool:
     """A dotted name with a component that says embedding or learned token (``embeddings``, ``patch_embed``,
-    ``embed_tokens``, ``cls_token``, ``pos_embed``): the layer-decay depth rule puts such tensors at depth 0."""
-    return any(_EMBEDDING_LEAF.search(part) for part in name.split("."))
+    ``embed_tokens``, ``cls_token``, ``pos_embed``, ``latents``)."""
+    return any(_EMBEDDING_LEAF.search(part) or _EMBEDDING_NOUN.search(part) for part in name.split("."))
+
+
+def is_norm_layer(
+    module: nn.Module,
+    norm_types: tuple[type[nn.Module], ...] = NORM_TYPES,
+    norm_name_re: re.Pattern[str] | None = re.compile(DEFAULT_NORM_CLASS_PATTERN),
+) -> bool:
+    """A normalization layer: one of ``norm_types`` or a class whose name ``norm_name_re`` matches."""
+    return isinstance(module, norm_types) or (
+        norm_name_re is not None and norm_name_re.search(type(module).__name__) is not None
+    )
+
+
+def _is_learned_array(view: TensorView, shape: tuple[int, ...]) -> bool:
+    """A raw tensor that is an embedding or a learned input array, judged by its name or its holder.
+
+    - its leaf's last word names one (``class_embedding``, ``masked_spec_embed``, ``cls_token``, ``latents``):
+      whatever its shape;
+    - its leaf only mentions one (VITS's ``emb_rel_k`` relative-position table) and it is a table (two or more
+      dimensions larger than 1): a vector-shaped ``embed_scale`` is a gain;
+    - it is a table held by a module named as embeddings (attribute ``embeddings`` / ``position_embeddings``, or a
+      class ending in ``Embeddings``) and is not a layer's weight: Perceiver's ``embeddings.latents``, Reformer's
+      axial ``position_embeddings.weights.0`` (a ``ParameterList``).
+    """
+    if view.gain:
+        return False
+    if _EMBEDDING_NOUN.search(view.leaf):
+        return True
+    if sum(s > 1 for s in shape) < 2:
+        return False
+    if _EMBEDDING_LEAF.search(view.leaf):
+        return True
+    if "weight" in name_words(view.leaf) or isinstance(view.owner, MATRIX_TYPES):
+        return False
+    return bool(
+        _EMBEDDING_LEAF.search(view.holder_attr)
+        or _EMBEDDINGS_HOLDER_CLASS.search(type(view.holder).__name__)
+    )
 
 
 def _is_bias(view: TensorView) -> bool:
@@ -224,7 +281,7 @@ def decide(
     decay_pats: tuple[str, ...],
     no_decay_pats: tuple[str, ...],
     hook_names: set[str],
-    hook_keywords: set[str],
+    hook_keywords: set[tuple[str, str]],
     norm_types: tuple[type[nn.Module], ...],
     norm_name_re: re.Pattern[str] | None,
     exclude_embeddings: bool,
@@ -235,6 +292,8 @@ def decide(
 
     ``declared`` is ``(group, reason)`` of a flag the model set on the tensor itself (``(NO_DECAY,
     "param._no_weight_decay")``, ``(DECAY, "param._optim")`` for a non-zero ``_optim`` weight decay), or ``None``.
+    ``hook_keywords`` holds ``(prefix, keyword)`` pairs: a module's ``no_weight_decay_keywords()`` apply to the names
+    of its own tensors, relative to it (``prefix`` is its path with a trailing dot, ``""`` for the root).
 
     Raises:
         ValueError: a ``decay_patterns`` and a ``no_decay_patterns`` pattern both match the tensor.
@@ -258,24 +317,35 @@ def decide(
         hit = n in hook_names or any(fnmatch.fnmatchcase(n, h) for h in hook_names if "*" in h or "?" in h)
         if hit:
             return NO_DECAY, "no_weight_decay()"
-        if any(k in n for k in hook_keywords):
+        # timm / Swin convention: a keyword is a substring of the names the declaring module itself prints, so a
+        # backbone's "proj" does not reach a head's `head_proj` (as its no_weight_decay() names do not either).
+        if any(n.startswith(prefix) and k in n[len(prefix) :] for prefix, k in hook_keywords):
             return NO_DECAY, "no_weight_decay_keywords()"
     if declared is not None:
         return declared
 
+    # Norm layers: torch's own types and `extra_norm_types` are trusted whatever the shape (LayerNorm((C, H, W)) has
+    # a (C, H, W) elementwise gain). A class matched by its name only is a guess: it is trusted for vector-shaped
+    # tensors (gains and shifts), not for a tensor with two or more dimensions larger than 1, which is a matrix the
+    # class holds (an AdaLayerNorm's modulation projection, a SpectralNorm-wrapped weight) and goes on to the rules
+    # below.
+    vector_shaped = sum(s > 1 for s in shape) <= 1
+    name_matched: str | None = None
     for v in views:
         cls = type(v.owner)
-        if isinstance(v.owner, norm_types) or (
-            norm_name_re is not None and norm_name_re.search(cls.__name__)
-        ):
+        if isinstance(v.owner, norm_types):
             return NO_DECAY, f"norm:{cls.__name__}"
+        if norm_name_re is not None and norm_name_re.search(cls.__name__):
+            if vector_shaped:
+                return NO_DECAY, f"norm:{cls.__name__}"
+            name_matched = name_matched or cls.__name__
 
     if any(_is_bias(v) for v in views):
         return NO_DECAY, "bias"
 
     ndim = len(shape)
-    is_embedding = any(is_embedding_layer(v.owner) and not v.gain for v in views) or (
-        ndim >= 2 and any(_EMBEDDING_LEAF.search(v.leaf) for v in views)
+    is_embedding = any(is_embedding_layer(v.owner) and not v.gain for v in views) or any(
+        _is_learned_array(v, shape) for v in views
     )
     if is_embedding:
         return (NO_DECAY, "embedding") if exclude_embeddings else (DECAY, "embedding")
@@ -286,9 +356,9 @@ def decide(
     # is a matrix even when one of its sides is 1 (Linear(C, 1)).
     if ndim <= 1:
         return NO_DECAY, "1-D"
-    if sum(s > 1 for s in shape) <= 1 and not any(_is_matrix_weight(v, matrix_re) for v in views):
+    if vector_shaped and not any(_is_matrix_weight(v, matrix_re) for v in views):
         return NO_DECAY, "vector-shaped"
-    return DECAY, "weight"
+    return DECAY, f"matrix-in-norm:{name_matched}" if name_matched is not None else "weight"
 
 
 def pattern_matches(pattern: str, name: str) -> bool:

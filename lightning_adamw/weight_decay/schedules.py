@@ -5,16 +5,12 @@ Pure Python (no torch, no Lightning). Everything is stated in torch's terms: tor
 *per-step decay* is ``lr_t * weight_decay``. For a group whose configured (base) decay is :math:`\lambda > 0`,
 the value written into ``group["weight_decay"]`` for the step about to run is:
 
-==============  ===============================  ==================================  =========================
-schedule        torch ``weight_decay`` at step t  per-step decay ``lr_t * wd_t``       source
-==============  ===============================  ==================================  =========================
-``constant``    :math:`\lambda`                  :math:`\lambda\,lr_t`               torch's AdamW
-``independent`` :math:`\lambda / lr_{max}`       :math:`\lambda\,lr_t/lr_{max}`      Loshchilov & Hutter
-                                                 :math:`= \lambda\,\eta_t`           (2019), Composer
-``adamc``       :math:`\lambda\,lr_t/lr_{max}`   :math:`\lambda\,lr_t^2/lr_{max}`    Defazio et al. (2025)
-``cosine``      :math:`\lambda f_{cos}(t)`       :math:`\lambda f_{cos}(t)\,lr_t`    (schedule λ directly)
-``linear``      :math:`\lambda f_{lin}(t)`       :math:`\lambda f_{lin}(t)\,lr_t`    (schedule λ directly)
-==============  ===============================  ==================================  =========================
+- ``constant``: ``weight_decay_t = λ``; per-step decay ``λ·lr_t`` (torch's AdamW).
+- ``independent``: ``weight_decay_t = λ/lr_max``; per-step decay ``λ·lr_t/lr_max = λ·η_t`` (Loshchilov &
+  Hutter, 2019; Composer).
+- ``adamc``: ``weight_decay_t = λ·lr_t/lr_max``; per-step decay ``λ·lr_t²/lr_max`` (Defazio, 2025).
+- ``cosine`` / ``linear``: ``weight_decay_t = λ·f(t)``; per-step decay ``λ·f(t)·lr_t`` (λ scheduled directly,
+  :func:`decay_factor`).
 
 * ``independent`` is the fully decoupled decay of the AdamW paper (Loshchilov & Hutter, ICLR 2019, Alg. 2: the
   decay is :math:`\eta_t\lambda`, the schedule multiplier times λ, independent of the base learning rate) and of
@@ -24,7 +20,7 @@ schedule        torch ``weight_decay`` at step t  per-step decay ``lr_t * wd_t``
   lr changes. The torch-level ``weight_decay`` the group then holds is :math:`\lambda / lr_{max}`, a different
   number than λ (e.g. λ = 1e-4 at lr_max = 1e-3 gives ``weight_decay`` 0.1); the group keeps λ under
   ``base_weight_decay``.
-* ``adamc`` is the corrected decay of Defazio et al., "Why Gradients Rapidly Increase Near the End of Training"
+* ``adamc`` is the corrected decay of Defazio, "Why Gradients Rapidly Increase Near the End of Training"
   (2025, arXiv 2506.02285): :math:`\theta_t = \theta_{t-1} - \gamma_t \hat m/(\sqrt{\hat v}+\epsilon)
   - c_t\lambda\theta_{t-1}` with :math:`c_t = \gamma_t^2/\gamma_{max}` for normalized layers, so the
   steady-state ratio of gradient norm to weight norm no longer grows as the lr cools down. In torch's terms
@@ -161,7 +157,7 @@ class WeightDecaySchedule:
             raise ValueError(
                 f"weight decay schedule {name!r} does not use {', '.join(f'`{k}`' for k in misplaced)} "
                 f"(only {', '.join(map(repr, users))} do{'' if len(users) > 1 else 'es'}); remove it"
-                + (f" or choose one of those schedules" if users else "")
+                + (" or choose one of those schedules" if users else "")
             )
         warmup = _int_option(given.get("warmup_steps", 0), "warmup_steps", positive=False)
         total = given.get("total_steps")
@@ -234,7 +230,9 @@ def parse_weight_decay_schedule(
         base = {"name": schedule}
     if "groups" in base:
         if groups is not None:
-            raise ValueError("`groups` is given twice: in the schedule mapping and as an option; give it once")
+            raise ValueError(
+                "`groups` is given twice: in the schedule mapping and as an option; give it once"
+            )
         groups = base.pop("groups")
     twice = [k for k, v in options.items() if v is not None and base.get(k) is not None]
     if twice:
@@ -242,13 +240,14 @@ def parse_weight_decay_schedule(
             f"{', '.join(f'`{k}`' for k in twice)} given twice: in the schedule mapping and as an option; "
             "give each once"
         )
-    merged = {**{k: v for k, v in base.items() if k != "name"}, **{k: v for k, v in options.items() if v is not None}}
+    merged = {
+        **{k: v for k, v in base.items() if k != "name"},
+        **{k: v for k, v in options.items() if v is not None},
+    }
     return WeightDecaySchedule.create(base["name"], **merged), groups
 
 
-def decay_factor(
-    name: str, step: int, *, warmup_steps: int, total_steps: int, final_ratio: float
-) -> float:
+def decay_factor(name: str, step: int, *, warmup_steps: int, total_steps: int, final_ratio: float) -> float:
     r"""Multiplier :math:`f(t)` of λ at optimizer step ``step`` (0-based) for ``"cosine"`` and ``"linear"``.
 
     :math:`f = 1` during the first ``warmup_steps`` steps (λ is *held*, not ramped: the lr warm-up already
@@ -276,7 +275,7 @@ def scheduled_weight_decay(
     lr_max: float | None = None,
     step: int = 0,
 ) -> float:
-    """The torch-level ``weight_decay`` of a group for one step (see the module docstring's table).
+    """The torch-level ``weight_decay`` of a group for one step (see the module docstring's list).
 
     Args:
         schedule: the schedule.
@@ -287,7 +286,7 @@ def scheduled_weight_decay(
 
     Raises:
         ValueError: ``lr_max`` missing or not positive for ``independent`` / ``adamc``; ``total_steps`` not set
-            for ``cosine`` / ``linear``.
+            for ``cosine`` / ``linear`` at a step past ``warmup_steps`` (up to it λ is exact without it).
     """
     if base_weight_decay == 0.0:
         return 0.0
@@ -354,6 +353,7 @@ def describe_schedule(
     else:
         total = "total_steps not set yet" if schedule.total_steps is None else f"step {schedule.total_steps}"
         hold = f"λ held for {schedule.warmup_steps} warm-up steps, then " if schedule.warmup_steps else ""
-        what = f"{name} ({hold}{name} to {schedule.final_ratio:g}·λ at {total})"
+        final = "0" if schedule.final_ratio == 0 else f"{schedule.final_ratio:g}·λ"
+        what = f"{name} ({hold}{name} to {final} at {total})"
     on = ", ".join(groups) if groups else "(none: no group with non-zero weight decay selected)"
     return f"weight decay schedule: {what} on groups {on}"

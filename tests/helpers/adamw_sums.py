@@ -1,6 +1,6 @@
 r"""Float64 references and derived error bounds for the four per-tensor AdamW sums of the monitor.
 
-Both implementations (:mod:`lightning_adamw.packed_sums`, torch kernels; :mod:`lightning_adamw.triton_sums`, one
+Both X-form backends (:mod:`lightning_adamw.update_split.backends.packed`, torch kernels; ``backends.triton``, one
 fused Triton kernel) compute, per tensor, with :math:`X = m / (\sqrt v + c\epsilon)`:
 
 =======  ===========================  ==============================================

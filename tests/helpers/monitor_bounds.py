@@ -1,6 +1,6 @@
 r"""Error bounds of the monitor's metrics against float64 references from parameter snapshots.
 
-The reference (``tests/scripts/monitor_common.reference_metrics``) recomputes each metric in float64 from the
+The reference (:func:`tests.helpers.monitor_reference.reference_metrics`) recomputes each metric in float64 from the
 stored weights before (:math:`W`) and after (:math:`V`) a real optimizer step: :math:`D = V - qW` with
 :math:`q = 1 - \eta\lambda` (AdamW; :math:`q = 1` for Adam + L2 and other optimizers) is the gradient update
 as stored. The monitor instead reconstructs the step from the optimizer state. Their difference has three
@@ -41,9 +41,10 @@ from dataclasses import dataclass
 
 import torch
 
+from lightning_adamw.update_split.contract import compute_dtype
 from tests.helpers.tolerance import SAFETY, gamma, ratio_error_bound, sqrt_error_bound, unit_roundoff
 
-__all__ = ["ETA_ROUNDINGS", "TensorNorms", "metric_bounds", "tensor_norms"]
+__all__ = ["ETA_ROUNDINGS", "TensorNorms", "bias_correction_rel", "metric_bounds", "tensor_norms"]
 
 #: Roundings of ``lr*u`` as torch computes it and as the monitor replays it: ``sqrt(v)``, ``/ sqrt(1-beta2^t)``,
 #: ``+ eps`` (with the cast of eps), ``m / denom``, ``* step_size`` (with its cast), and the bias-correction
@@ -51,8 +52,6 @@ __all__ = ["ETA_ROUNDINGS", "TensorNorms", "metric_bounds", "tensor_norms"]
 #: 2 ulp, 4 roundings each), hence 12.
 ETA_ROUNDINGS = 12
 _U64 = unit_roundoff(torch.float64)
-# Tensors up to this size have their coupled-L2 / snapshot sums in float64 (lightning_adamw.update_split).
-_EXACT_NUMEL = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -60,7 +59,8 @@ class TensorNorms:
     """What the bounds need of one updated tensor (float64 norms of the snapshots)."""
 
     numel: int
-    ndim: int
+    #: the parameter's shape (the dtype rule reads it)
+    shape: tuple[int, ...]
     dtype: torch.dtype
     #: ``||W||``, ``||V||``, ``||D||`` and (coupled L2) ``||g||``
     old: float
@@ -73,11 +73,11 @@ def tensor_norms(
     old: torch.Tensor, new: torch.Tensor, grad: torch.Tensor | None, q: float, dtype: torch.dtype
 ) -> TensorNorms:
     """:class:`TensorNorms` of one tensor from float64 snapshots; ``q`` = 1 - lr*wd (AdamW) or 1."""
-    ndim = max(old.dim(), 1)
+    shape = tuple(old.shape)
     old, new = old.double().reshape(-1), new.double().reshape(-1)
     return TensorNorms(
         numel=old.numel(),
-        ndim=ndim,
+        shape=shape,
         dtype=dtype,
         old=float(torch.linalg.vector_norm(old)),
         new=float(torch.linalg.vector_norm(new)),
@@ -87,16 +87,11 @@ def tensor_norms(
 
 
 def _compute_units(kind: str, t: TensorNorms) -> tuple[float, float, int]:
-    """(u of the elementwise arithmetic, u of the sums, additions per term in that dtype) for ``t``."""
-    if t.dtype == torch.float64:
-        return _U64, _U64, t.numel
-    if kind == "adamw":
-        # packed torch path and Triton kernel: 1-D tensors entirely in float64, the others in float32
-        u = _U64 if t.ndim <= 1 else unit_roundoff(torch.float32)
-        return u, u, t.numel
-    # coupled L2 and snapshot groups: elementwise in float32, sums of small tensors in float64
-    u32 = unit_roundoff(torch.float32)
-    return u32, (_U64 if t.numel <= _EXACT_NUMEL else u32), t.numel
+    """(u of the elementwise arithmetic, u of the sums, additions per term in that dtype) for ``t``: the dtype
+    the contract's rule (:func:`lightning_adamw.update_split.contract.compute_dtype`) gives the tensor, for every
+    kind of group and backend: float64 for vector-shaped and float64 tensors, float32 for the others."""
+    u = unit_roundoff(compute_dtype(t.shape, t.dtype, torch.device("cpu")))
+    return u, u, t.numel
 
 
 def metric_bounds(
@@ -169,6 +164,9 @@ def metric_bounds(
     grad_step = e_b + sqrt_error_bound(max(n_d - e_b, 0.0) ** 2, d_b)
     # ||w_old|| reconstructed: sqrt(S) / |q|
     r_a = (e_y + floor + sqrt_error_bound(max(aq * n_w - e_y, 0.0) ** 2, d_s)) / aq
+    # ||g||: the gradient read as stored (exact in the compute dtype) and summed; ||g|| / ||w_old||
+    out["grad_norm"] = sqrt_error_bound(n_g2, d_g)
+    out["grad_to_weight"] = ratio_error_bound(math.sqrt(n_g2), out["grad_norm"], n_w, r_a)
     if kind == "adamw":
         out["grad_update_norm"] = grad_step
         out["decay_norm"] = lw * r_a
@@ -214,3 +212,14 @@ def metric_bounds(
         name: SAFETY * (bound + ref_err * abs(ref(name) if math.isfinite(ref(name)) else 0.0))
         for name, bound in out.items()
     }
+
+
+def bias_correction_rel(t: float, beta: float, u: float, beta_u: float = 0.0) -> tuple[float, float]:
+    """Relative error bounds of ``lr / (1 - beta**t)`` and ``sqrt(1 - beta**t)`` computed with unit roundoff
+    ``u``: ``beta**t`` carries a ``pow`` of at most 1 ulp (``2u``) and ``t * beta_u`` from rounding ``beta``
+    itself to the working dtype; ``1 - beta**t`` turns that absolute error into ``beta**t / (1 - beta**t)``
+    times it (cancellation) plus its own rounding; then the division (with the cast of ``lr``: 2 roundings) or
+    the square root (halves the relative error; 1 ulp more for ``**0.5``)."""
+    power = beta**t
+    diff = (2.0 * u + t * beta_u) * power / (1.0 - power) + u
+    return diff + gamma(2, u), diff / 2.0 + 2.0 * u

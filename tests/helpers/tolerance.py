@@ -36,6 +36,7 @@ import torch
 
 __all__ = [
     "SAFETY",
+    "formula_rel",
     "gamma",
     "ratio_error_bound",
     "sqrt_error_bound",
@@ -122,3 +123,9 @@ def ratio_error_bound(a: float, da: float, b: float, db: float) -> float:
     if abs(b) <= db:
         return math.inf
     return (da + abs(a / b) * db) / (abs(b) - db)
+
+
+def formula_rel(k: int) -> float:
+    """Relative tolerance between two float64 evaluations of one closed form, each with at most ``k`` roundings
+    (products, quotients, square roots), in whatever order: ``SAFETY * 2 gamma_k``."""
+    return SAFETY * 2.0 * gamma(k, _UNIT_ROUNDOFF[torch.float64])

@@ -29,14 +29,8 @@ from lightning.pytorch.loggers import CSVLogger  # noqa: E402
 from torch.utils.data import DataLoader, DistributedSampler  # noqa: E402
 
 from lightning_adamw.monitor import WeightDecayMonitor  # noqa: E402
-from tests.scripts.monitor_common import (  # noqa: E402
-    MonitoredModule,
-    RecordingLogger,
-    StepRecorder,
-    make_data,
-    reference_bounds,
-    reference_metrics,
-)
+from tests.helpers.lit_monitor import MonitoredModule, RecordingLogger, StepRecorder, make_data  # noqa: E402
+from tests.helpers.monitor_reference import reference_bounds, reference_metrics  # noqa: E402
 
 
 class InterleavedData(MonitoredModule):
@@ -87,7 +81,7 @@ def main() -> None:
         from lightning.pytorch.strategies import FSDPStrategy
 
         if args.accelerator == "cpu":  # Lightning's FSDPStrategy refuses CPU; the test-only subclass does not
-            from tests.scripts.cli_strategies import CPUFSDPStrategy as FSDPStrategy
+            from tests.helpers.cli_strategies import CPUFSDPStrategy as FSDPStrategy
 
         strategy = FSDPStrategy(use_orig_params=True)
         module = InterleavedData(batch_size=8, optimizer_kwargs=optimizer_kwargs)

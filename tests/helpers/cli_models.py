@@ -15,11 +15,13 @@ from lightning_adamw import DecoupledWeightDecayMixin
 from lightning_adamw.demo import DigitsClassifier
 
 __all__ = [
+    "AppliedProbe",
     "FailingDigitsClassifier",
     "InitDictRegressor",
     "OwnOptimizerRegressor",
     "PlainRegressor",
     "RegressionData",
+    "ScheduledRegressor",
     "SlowDigitsClassifier",
     "TinyTokenClassifier",
     "UserRegressor",
@@ -104,7 +106,7 @@ class RegressionData(L.LightningDataModule):
         self.save_hyperparameters()
 
     def _loader(self, seed: int) -> DataLoader:
-        from tests.lit_models import regression_data
+        from tests.helpers.lit_models import regression_data
 
         return DataLoader(regression_data(seed=seed), batch_size=self.hparams.batch_size)
 
@@ -177,7 +179,7 @@ class PlainRegressor(L.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=1e-3)
 
     def train_dataloader(self) -> DataLoader:
-        from tests.lit_models import regression_data
+        from tests.helpers.lit_models import regression_data
 
         return DataLoader(regression_data(), batch_size=self.hparams.batch_size)
 
@@ -187,3 +189,35 @@ class SlowDigitsClassifier(DigitsClassifier):
 
     def __init__(self, lr: float = 1e-4, warmup_steps: int = 5, **kwargs: Any) -> None:
         super().__init__(lr=lr, warmup_steps=warmup_steps, **kwargs)
+
+
+class ScheduledRegressor(UserRegressor):
+    """A user's model with a grouping option and the weight-decay-over-time settings as ``__init__`` arguments."""
+
+    def __init__(
+        self,
+        lr: float = 0.05,
+        weight_decay: float = 0.2,
+        no_decay_patterns: list[str] | None = None,
+        weight_decay_schedule: dict[str, Any] | str | None = None,
+        ema_timescale_fraction: float | None = None,
+        lr_schedule: str = "constant",
+        warmup_steps: int = 0,
+    ) -> None:
+        super().__init__(lr=lr, weight_decay=weight_decay, lr_schedule=lr_schedule, warmup_steps=warmup_steps)
+        self.save_hyperparameters()
+
+
+class AppliedProbe(L.Callback):
+    """Every group's ``lr`` and ``weight_decay`` as each optimizer step applied them (read in a step post-hook)."""
+
+    def __init__(self) -> None:
+        self.lr: list[list[float]] = []
+        self.wd: list[list[float]] = []
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        def record(optimizer: torch.optim.Optimizer, *_: Any) -> None:
+            self.lr.append([float(g["lr"]) for g in optimizer.param_groups])
+            self.wd.append([float(g["weight_decay"]) for g in optimizer.param_groups])
+
+        trainer.optimizers[0].register_step_post_hook(record)

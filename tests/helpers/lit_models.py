@@ -1,4 +1,4 @@
-"""Small LightningModules shared by the mixin and CLI tests (importable by class path: ``tests.lit_models.X``)."""
+"""Small LightningModules shared by the mixin and CLI tests (importable by class path: ``tests.helpers.lit_models.X``)."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ Launched processes cannot hand Python objects back to a test, so every rank dump
 place in the world (global / local / node rank, cluster environment, backend), the learning rate after every
 optimizer step and a checksum of its final weights. Add it to any ``lightning-adamw fit`` command::
 
-    --trainer.callbacks+=tests.scripts.cli_probe.RankProbe --trainer.callbacks.out_dir=/tmp/probe
+    --trainer.callbacks+=tests.helpers.cli_probe.RankProbe --trainer.callbacks.out_dir=/tmp/probe
 """
 
 from __future__ import annotations

@@ -1,14 +1,14 @@
-"""Shared pieces of the WeightDecayMonitor tests and of the multi-process scripts they launch.
+"""Lightning pieces of the monitor tests and of the multi-process script they launch.
 
 * :class:`MonitoredModule`: a tiny classifier whose optimizer, scheduler and bad-day behaviour are chosen by
   arguments; its groups come from :func:`lightning_adamw.build_param_groups` (``decay`` / ``no_decay``).
 * :class:`RecordingLogger`: keeps every ``log_metrics`` call in memory, on every rank (so a test can prove that
   only rank zero logged).
 * :class:`StepRecorder`: snapshots the weights right before and right after every real ``optimizer.step()``
-  (optimizer step pre/post hooks), the ground truth the monitor is compared against.
-* :func:`reference_metrics`: the monitor's metrics recomputed in float64 from those snapshots, and
-  :func:`reference_bounds`: how far the monitor's numbers may be from them (derived error bounds,
-  :mod:`tests.helpers.monitor_bounds`), which :func:`compare_metrics` checks.
+  (optimizer step pre/post hooks), the ground truth the monitor is compared against
+  (:mod:`tests.helpers.monitor_reference`).
+* :func:`fit`: a quiet CPU ``Trainer.fit``; :func:`run_distributed_script`: ``tests/scripts/distributed_monitor.py``
+  in its own process session.
 """
 
 from __future__ import annotations
@@ -31,22 +31,18 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_adamw.param_groups import build_param_groups
-from tests.helpers.monitor_bounds import metric_bounds, tensor_norms
 
-METRICS_BY_KIND: dict[str, tuple[str, ...]] = {
-    "adamw": (
-        "decay_norm",
-        "grad_update_norm",
-        "decay_to_grad_ratio",
-        "update_norm",
-        "weight_norm",
-        "update_to_weight",
-        "cos_grad_update_weight",
-        "angular_update",
-    ),
-    "adam_l2": ("l2_grad_share", "update_norm", "weight_norm", "update_to_weight", "angular_update"),
-    "optim": ("update_norm", "weight_norm", "update_to_weight", "angular_update"),
-}
+__all__ = [
+    "DISTRIBUTED_SCRIPT",
+    "REPO",
+    "MonitoredModule",
+    "RecordingLogger",
+    "StepRecorder",
+    "finite_everywhere",
+    "fit",
+    "make_data",
+    "run_distributed_script",
+]
 
 
 def make_data(n: int = 64, dim: int = 8, classes: int = 4, seed: int = 0) -> TensorDataset:
@@ -227,197 +223,6 @@ class StepRecorder(Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for h in self._handles:
             h.remove()
-
-
-def _norm(t: torch.Tensor) -> float:
-    return float(torch.linalg.vector_norm(t))
-
-
-def _cat(ts: Iterable[torch.Tensor]) -> torch.Tensor:
-    ts = list(ts)
-    return torch.cat([t.reshape(-1) for t in ts]) if ts else torch.zeros(0, dtype=torch.float64)
-
-
-def _div(a: float, b: float) -> float:
-    return a / b if b != 0 else math.nan
-
-
-def _angle(old: torch.Tensor, new: torch.Tensor) -> float:
-    if _norm(old) == 0.0:
-        return math.nan
-    unit = old / torch.linalg.vector_norm(old)
-    par = torch.dot(new, unit)
-    perp = torch.linalg.vector_norm(new - par * unit)
-    return math.atan2(float(perp), float(par))
-
-
-def _reference(
-    kind: str,
-    old: torch.Tensor,
-    new: torch.Tensor,
-    grad: torch.Tensor | None,
-    lr: float,
-    wd: float,
-    maximize: bool,
-) -> dict[str, float]:
-    old, new = old.reshape(-1), new.reshape(-1)
-    grad = None if grad is None else grad.reshape(-1)
-    out: dict[str, float] = {"weight_norm": _norm(new), "angular_update": _angle(old, new)}
-    delta = new - old
-    out["update_norm"] = _norm(delta)
-    out["update_to_weight"] = _div(_norm(delta), _norm(old))
-    if kind == "adamw":
-        decay = lr * wd * old
-        grad_update = new - (1.0 - lr * wd) * old  # what the optimizer moved besides the decay
-        out["decay_norm"] = _norm(decay)
-        out["grad_update_norm"] = _norm(grad_update)
-        out["decay_to_grad_ratio"] = _div(out["decay_norm"], out["grad_update_norm"])
-        out["cos_grad_update_weight"] = _div(
-            float(torch.dot(grad_update, old)), _norm(grad_update) * _norm(old)
-        )
-    elif kind == "adam_l2":
-        assert grad is not None
-        g = -grad if maximize else grad
-        out["l2_grad_share"] = _div(_norm(wd * old), _norm(g + wd * old))
-    return out
-
-
-def record_kind(group: dict[str, Any], adam_family: bool) -> str:
-    if not adam_family:
-        return "optim"
-    if group["decoupled"] or group["weight_decay"] == 0.0:
-        return "adamw"
-    return "adam_l2"
-
-
-def _unique(labels: list[str]) -> list[str]:
-    taken, seen, out = set(labels), set(), []
-    for label in labels:
-        if label in seen:
-            k = 1
-            while f"{label}_{k}" in taken:
-                k += 1
-            label = f"{label}_{k}"
-            taken.add(label)
-        seen.add(label)
-        out.append(label)
-    return out
-
-
-def metric_labels(record: dict[str, Any]) -> list[tuple[str, list[str]]]:
-    """``(group label, per-tensor labels)`` of each recorded group, by the rule the monitor documents: group
-    names made unique with ``_1``, ``_2``, ...; a tensor keeps its name unless another group has a tensor of
-    that name, then it is ``<group label>/<name>`` (unnamed tensors are ``<group label>.param<j>``)."""
-    groups = record["groups"]
-    labels = _unique([g["label"] for g in groups])
-    names = [
-        list(g["names"]) if g.get("named", True) else [f"{label}.param{j}" for j in range(len(g["names"]))]
-        for g, label in zip(groups, labels, strict=True)
-    ]
-    owners: dict[str, set[int]] = {}
-    for gi, group_names in enumerate(names):
-        for n in group_names:
-            owners.setdefault(n, set()).add(gi)
-    flat = _unique(
-        [f"{labels[gi]}/{n}" if len(owners[n]) > 1 else n for gi, ns in enumerate(names) for n in ns]
-    )
-    out, start = [], 0
-    for label, group_names in zip(labels, names, strict=True):
-        out.append((label, flat[start : start + len(group_names)]))
-        start += len(group_names)
-    return out
-
-
-def reference_metrics(
-    record: dict[str, Any], adam_family: bool = True, per_layer: bool = True
-) -> dict[str, float]:
-    """The monitor's group (and per-layer) metrics of one recorded step, recomputed from the snapshots."""
-    out: dict[str, float] = {}
-    for g, (label, keys) in zip(record["groups"], metric_labels(record), strict=True):
-        kind = record_kind(g, adam_family)
-        updated = [
-            i
-            for i, (o, n, gr) in enumerate(zip(g["old"], g["new"], g["grad"], strict=True))
-            if gr is not None and o.numel() > 0
-        ]
-        if not updated:
-            continue
-        grads = [g["grad"][i] for i in updated]
-        ref = _reference(
-            kind,
-            _cat(g["old"][i] for i in updated),
-            _cat(g["new"][i] for i in updated),
-            _cat(grads) if all(x is not None for x in grads) else None,
-            g["lr"],
-            g["weight_decay"],
-            g["maximize"],
-        )
-        for key, value in ref.items():
-            out[f"{kind}/{label}/{key}"] = value
-        if per_layer:
-            for i in updated:
-                ref = _reference(
-                    kind, g["old"][i], g["new"][i], g["grad"][i], g["lr"], g["weight_decay"], g["maximize"]
-                )
-                for key, value in ref.items():
-                    out[f"{kind}_layer/{keys[i]}/{key}"] = value
-    return out
-
-
-def _dtype(name: str) -> torch.dtype:
-    return getattr(torch, name.split(".")[-1])
-
-
-def reference_bounds(
-    record: dict[str, Any], adam_family: bool = True, per_layer: bool = True, eta_rel: float = 0.0
-) -> dict[str, float]:
-    """For every key of :func:`reference_metrics`, the largest difference the monitor's value may have from it
-    (absolute; derived from the arithmetic, see :mod:`tests.helpers.monitor_bounds`). Parameters are taken as
-    float32 where the record does not say (``"dtypes"``). ``eta_rel``: a further relative error of the
-    monitor's ``lr*u`` (e.g. float32 bias corrections replayed against float64 ones)."""
-    expected = reference_metrics(record, adam_family=adam_family, per_layer=per_layer)
-    out: dict[str, float] = {}
-    for g, (label, keys) in zip(record["groups"], metric_labels(record), strict=True):
-        kind = record_kind(g, adam_family)
-        q = 1.0 - g["lr"] * g["weight_decay"] if kind == "adamw" else 1.0
-        dtypes = [_dtype(d) for d in g.get("dtypes", ["float32"] * len(g["old"]))]
-        norms = {
-            i: tensor_norms(g["old"][i], g["new"][i], g["grad"][i], q, dtypes[i])
-            for i, (o, gr) in enumerate(zip(g["old"], g["grad"], strict=True))
-            if gr is not None and o.numel() > 0
-        }
-        if not norms:
-            continue
-
-        prefixes = [(f"{kind}/{label}/", list(norms.values()))]
-        if per_layer:
-            prefixes += [(f"{kind}_layer/{keys[i]}/", [t]) for i, t in norms.items()]
-        for prefix, tensors in prefixes:
-            metrics = {k[len(prefix) :]: v for k, v in expected.items() if k.startswith(prefix)}
-            found = metric_bounds(
-                kind, tensors, lr=g["lr"], weight_decay=g["weight_decay"], expected=metrics, eta_rel=eta_rel
-            )
-            out.update({prefix + name: bound for name, bound in found.items()})
-    return out
-
-
-def compare_metrics(
-    actual: dict[str, float], expected: dict[str, float], bounds: dict[str, float]
-) -> dict[str, tuple[float, float, float]]:
-    """``{key: (got, expected, bound)}`` for every expected key the monitor missed or got farther than its
-    derived bound (:func:`reference_bounds`) from the float64 reference; ``{}`` when all pass. An undefined
-    reference (NaN, e.g. a ratio to a zero-initialised weight) must be left out by the monitor."""
-    bad: dict[str, tuple[float, float, float]] = {}
-    for key, want in expected.items():
-        got = actual.get(key, math.nan)
-        bound = bounds.get(key, math.nan)
-        if not math.isfinite(want):  # undefined: must be left out
-            if key in actual:
-                bad[key] = (got, want, bound)
-            continue
-        if not abs(got - want) <= bound:  # (also fails for a missing key or a missing bound)
-            bad[key] = (got, want, bound)
-    return bad
 
 
 def fit(

@@ -609,7 +609,7 @@ def wandb_offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[P
     elsewhere under ``tmp_path`` so :func:`read_run` finds only the run. To use it from a test
     module::
 
-        from tests.wandb_reader import wandb_offline  # noqa: F401  (pytest fixture)
+        from tests.helpers.wandb_reader import wandb_offline  # noqa: F401  (pytest fixture)
 
         @pytest.mark.usefixtures("wandb_offline")
         def test_something(tmp_path): ...
