@@ -34,7 +34,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import BENCH_DIR, Row, interleaved, stat
+from benchmarks.common import BENCH_DIR, Row, interleaved, quiet_cpu_trainer, stat
 
 ITEM = 3
 TARGET_FRACTION = 0.10
@@ -74,10 +74,8 @@ def rss_supported() -> bool:
 
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
     """In the subprocess: a short ``Trainer.fit`` with the probes; returns per-step figures in bytes."""
-    import lightning as L
     import torch
     from lightning.pytorch.callbacks import Callback
-    from lightning.pytorch.loggers import CSVLogger
 
     from benchmarks.bench_overhead import _quiet
     from benchmarks.models import GPTConfig, gpt_loader, lightning_gpt
@@ -125,19 +123,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     module = lightning_gpt(cfg, lr=1e-3, weight_decay=0.1)
     param_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
     with tempfile.TemporaryDirectory(prefix="lightning-adamw-mem-") as tmp:
-        trainer = L.Trainer(
-            accelerator="cpu",
-            devices=1,
-            max_steps=spec["steps"],
-            logger=CSVLogger(tmp, name="bench"),
-            callbacks=callbacks,
-            limit_val_batches=0,
-            num_sanity_val_steps=0,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            default_root_dir=tmp,
-        )
+        trainer = quiet_cpu_trainer(tmp, max_steps=spec["steps"], callbacks=callbacks)
         trainer.fit(
             module, train_dataloaders=gpt_loader(cfg, batch_size=spec["batch"], n_samples=spec["batch"] * 8)
         )

@@ -55,7 +55,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import Row, calls_for, cpu_clock, interleaved, stat, time_per_call
+from benchmarks.common import Row, calls_for, cpu_clock, interleaved, quiet_cpu_trainer, stat, time_per_call
 from benchmarks.models import GPTConfig, gpt_loader, lightning_gpt
 
 ITEM = 1
@@ -189,8 +189,6 @@ def _quiet() -> None:
 
 def fit_once(case: FitCase, monitor_kwargs: dict[str, Any] | None, warmup: int, steps: int) -> dict[str, Any]:
     """One ``Trainer.fit`` of ``warmup + steps`` steps; returns per-step timings and the monitor's metrics."""
-    import lightning as L
-    from lightning.pytorch.loggers import CSVLogger
 
     from lightning_adamw.monitor import WeightDecayMonitor
 
@@ -204,19 +202,8 @@ def fit_once(case: FitCase, monitor_kwargs: dict[str, Any] | None, warmup: int, 
         callbacks.append(monitor)
     callbacks.append(hook_exit)
     with tempfile.TemporaryDirectory(prefix="lightning-adamw-bench-") as tmp:
-        trainer = L.Trainer(
-            accelerator="cpu",
-            devices=1,
-            max_steps=warmup + steps,
-            logger=CSVLogger(tmp, name="bench"),
-            callbacks=callbacks,
-            log_every_n_steps=LOG_EVERY,
-            limit_val_batches=0,
-            num_sanity_val_steps=0,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            default_root_dir=tmp,
+        trainer = quiet_cpu_trainer(
+            tmp, max_steps=warmup + steps, callbacks=callbacks, log_every_n_steps=LOG_EVERY
         )
         trainer.fit(case.module(), **case.data())
     return {**timer.window(warmup), "metrics": dict(monitor.last_metrics) if monitor is not None else {}}
@@ -295,8 +282,6 @@ def _timed_monitor(**kwargs: Any) -> Any:
 def fixed_fit(monitor_kwargs: dict[str, Any] | None, quick: bool) -> dict[str, float]:
     """One short ``Trainer.fit`` as a user's sweep runs it (CSV logger); CPU and wall seconds, and the
     monitor's wall seconds in its non-step hooks."""
-    import lightning as L
-    from lightning.pytorch.loggers import CSVLogger
 
     _quiet()
     cfg = GPTConfig(dim=32, layers=2, seq=16) if quick else GPTConfig(dim=128, layers=4, seq=32)
@@ -304,19 +289,11 @@ def fixed_fit(monitor_kwargs: dict[str, Any] | None, quick: bool) -> dict[str, f
     torch.manual_seed(0)
     monitor = _timed_monitor(**monitor_kwargs) if monitor_kwargs is not None else None
     with tempfile.TemporaryDirectory(prefix="lightning-adamw-bench-") as tmp:
-        trainer = L.Trainer(
-            accelerator="cpu",
-            devices=1,
+        trainer = quiet_cpu_trainer(
+            tmp,
             max_steps=steps,
-            logger=CSVLogger(tmp, name="bench"),
             callbacks=[monitor] if monitor is not None else [],
             log_every_n_steps=5 if quick else LOG_EVERY,  # (a quick fit logs once too)
-            limit_val_batches=0,
-            num_sanity_val_steps=0,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            default_root_dir=tmp,
         )
         module = lightning_gpt(cfg, lr=1e-3, weight_decay=0.1)
         data = gpt_loader(cfg, batch_size=8, n_samples=8 * steps)

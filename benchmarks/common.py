@@ -267,3 +267,24 @@ def machine_info() -> dict[str, Any]:
 def log(message: str) -> None:
     """Progress to stderr, so stdout stays the results table."""
     print(message, file=sys.stderr, flush=True)
+
+
+def quiet_cpu_trainer(root: str, **kwargs: Any) -> Any:
+    """The benchmarks' ``Trainer``: one CPU device, a CSV logger under ``root``, no validation, checkpoints,
+    progress bar or model summary; ``kwargs`` (``max_steps``, ``callbacks``, ``log_every_n_steps``...) are
+    added."""
+    import lightning as L
+    from lightning.pytorch.loggers import CSVLogger
+
+    return L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=CSVLogger(root, name="bench"),
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+        **kwargs,
+    )

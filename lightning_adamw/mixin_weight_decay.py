@@ -34,6 +34,7 @@ from lightning_adamw.weight_decay import (
     check_timescale_options,
     describe_timescale,
     parse_weight_decay_schedule,
+    peak_lr,
     resolve_weight_decay,
     timescale_steps,
 )
@@ -366,14 +367,14 @@ def describe_weight_decay(
         if lam == 0.0:
             continue
         torch_value = float(group.get("weight_decay", 0.0))
-        peak = (row or {}).get("lr_max") or group.get("max_lr") or group.get("initial_lr") or group["lr"]
-        tau = timescale_steps(float(peak), lam, schedule=name)
+        peak = peak_lr(group, (row or {}).get("lr_max"))
+        tau = timescale_steps(peak, lam, schedule=name)
         table.append(
             (
                 str(group.get("name", f"group{index}")),
                 _fmt(lam),
                 _fmt(torch_value),
-                _fmt(float(peak)),
+                _fmt(peak),
                 _fmt(tau, ".4g"),
                 _fmt(tau / steps_per_epoch if steps_per_epoch and math.isfinite(tau) else None),
                 _fmt(tau / total_steps if total_steps and math.isfinite(tau) else None),

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from typing import Any
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "check_timescale_options",
     "describe_timescale",
     "group_timescales",
+    "peak_lr",
     "resolve_weight_decay",
     "timescale_in_steps",
     "timescale_steps",
@@ -286,6 +288,19 @@ def timescale_warning(
     return "; and ".join(messages) if messages else None
 
 
+def peak_lr(group: Mapping[str, Any], lr_max: float | None = None) -> float:
+    """A group's peak lr, the one its timescale is quoted at: ``lr_max`` when known (a weight decay scheduler's),
+    else the first of the group's ``max_lr`` (``OneCycleLR``), ``initial_lr`` (any torch LR scheduler) and
+    ``lr`` that is set and > 0; 0.0 when none is."""
+    if lr_max:
+        return float(lr_max)
+    for key in ("max_lr", "initial_lr", "lr"):
+        value = group.get(key)
+        if value is not None and float(value) > 0:
+            return float(value)
+    return 0.0
+
+
 @dataclasses.dataclass(frozen=True)
 class GroupTimescale:
     """The EMA timescale of one AdamW parameter group that decays, at its peak learning rate."""
@@ -325,10 +340,7 @@ def group_timescales(optimizer: Any) -> list[GroupTimescale]:
         lam = float(row["base_weight_decay"]) if row else float(group.get("weight_decay", 0.0))
         if not (math.isfinite(lam) and lam > 0):
             continue
-        peak = row["lr_max"] if row and row["lr_max"] is not None else None
-        if peak is None:
-            candidates = (group.get(k) for k in ("max_lr", "initial_lr", "lr"))
-            peak = next((float(v) for v in candidates if v is not None and float(v) > 0), 0.0)
+        peak = peak_lr(group, row["lr_max"] if row else None)
         schedule = scheduler.schedule.name if row and scheduler is not None else "constant"
         tau = timescale_steps(float(peak), lam, schedule=schedule)
         found.append(GroupTimescale(index, lam, float(peak), schedule, tau))
