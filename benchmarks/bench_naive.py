@@ -33,6 +33,8 @@ from benchmarks.models import GPT, GPTConfig
 ITEM = 2
 TARGET_SPEEDUP = 5.0
 REFERENCE = "reference backend (float64 loop), group metrics"
+#: the torch kernels of the ``packed`` backend: what runs on a CPU without Numba (or with LIGHTNING_ADAMW_NUMBA=0)
+TORCH_PATH = "torch kernels (packed backend, no Numba), group metrics"
 TARGET_VS_STEP = 1.3
 
 #: >= 200 parameter tensors (292): the size of model where per-tensor overhead decides.
@@ -159,13 +161,14 @@ def timed_variants(
     calls keep their plan in a cache, as the monitor does."""
     from lightning_adamw.update_split import PlanCache, update_split
 
-    cache = PlanCache()
+    cache, torch_cache = PlanCache(), PlanCache()
     return {
         "foreach AdamW step": optimizer.step,
         "batched (package), group metrics": lambda: update_split(optimizer, cache=cache).metrics(),
         "batched (package), per-layer metrics": lambda: update_split(optimizer, cache=cache).metrics(
             per_layer=True
         ),
+        TORCH_PATH: lambda: update_split(optimizer, backend="packed", cache=torch_cache).metrics(),
         "naive loop, group metrics": lambda: naive_update_split(optimizer),
         "naive loop, per-layer metrics": lambda: naive_update_split(optimizer, per_layer=True),
     }
@@ -238,6 +241,17 @@ def run(repeats: int = 5, quick: bool = False, budget_s: float = 0.25) -> list[R
                 )
             )
         vs_step = paired_ratios(results, "foreach AdamW step")
+        rows.append(
+            Row.from_stat(
+                1,
+                f"monitor math vs optimizer step, isolated, {model_name}",
+                TORCH_PATH,
+                "time / foreach AdamW step",
+                stat(vs_step[TORCH_PATH]),
+                unit="x",
+                note="the fallback without Numba; no target",
+            )
+        )
         for kind in ("group metrics", "per-layer metrics"):
             s = stat(vs_step[f"batched (package), {kind}"])
             rows.append(

@@ -86,6 +86,12 @@ def run_items(
         start = time.perf_counter()
         rows += bench_overhead.fixed_cost_rows(repeats=n, quick=quick)
         durations["item 1 (fixed cost)"] = round(time.perf_counter() - start, 1)
+        from benchmarks import bench_first_call
+
+        log(f"item 1 (first call in a new process): {n} repeats ...")
+        start = time.perf_counter()
+        rows += bench_first_call.first_call_rows(repeats=n, quick=quick)
+        durations["item 1 (first call)"] = round(time.perf_counter() - start, 1)
     rows.sort(key=lambda r: r.item)  # stable: keeps each item's own order
     return rows, durations
 

@@ -44,6 +44,7 @@ from lightning_adamw.update_split import (
     take_snapshot,
     update_split,
 )
+from lightning_adamw.update_split.backends import numba as numba_backend
 
 __all__ = ["WeightDecayMonitor"]
 
@@ -325,6 +326,11 @@ class WeightDecayMonitor(Callback):
                 self._warn_once(f"generic-{name}", generic_optimizer_message(optimizer))
                 self._handles.append(optimizer.register_step_pre_hook(self._make_pre_hook(k)))
             self._handles.append(optimizer.register_step_post_hook(self._make_post_hook(k)))
+        # Numba's import and the CPU kernel's load (about half a second, once per process): done while it trains
+        numba_backend.warm_up(
+            {p.dtype for o in optimizers if is_adam_family(o) for g in o.param_groups for p in g["params"]
+             if p.device.type == "cpu"}
+        )  # fmt: skip
         self._timescale_metrics, messages = timescale_facts(
             optimizers, total_steps(trainer, self._manual), self._steps_per_epoch
         )

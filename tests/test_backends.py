@@ -105,6 +105,7 @@ CASES: dict[str, Callable[[], Case]] = {
     "fp32": lambda: Case(_train(_adamw(foreach=True))[0]),
     "bf16": lambda: Case(_train(_adamw(), dtype=torch.bfloat16)[0]),
     "fp64": lambda: Case(_train(_adamw(), dtype=torch.float64)[0]),
+    "fp16": lambda: Case(_train(_adamw(eps=1e-4), dtype=torch.float16)[0]),
     "amsgrad": lambda: Case(_train(_adamw(amsgrad=True))[0]),
     "maximize": lambda: Case(_train(_adamw(maximize=True))[0]),
     "mixed_steps": lambda: Case(_train(_adamw(), skip_first=True)[0]),
@@ -146,7 +147,7 @@ PAIRS = [
         if backend == "triton"
         else [],
     )
-    for backend in ("foreach", "packed", "triton")
+    for backend in ("foreach", "packed", "numba", "triton")
     for case in CASES
     if _kinds_of(case) <= BACKENDS[backend].kinds
 ]

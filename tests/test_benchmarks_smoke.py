@@ -14,7 +14,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import ab, bench_grouping, bench_memory, bench_naive, bench_overhead, gpu, report, run
+from benchmarks import (
+    ab,
+    bench_first_call,
+    bench_grouping,
+    bench_memory,
+    bench_naive,
+    bench_overhead,
+    gpu,
+    report,
+    run,
+)
 from benchmarks.common import Row, interleaved, paired_ratios, stat
 from benchmarks.models import LLAMA_SHAPES, build_meta, count_params
 
@@ -126,6 +136,16 @@ def test_fit_overhead_rows():
     }
     assert all(r.unit == "ms" and r.value >= 0 for r in hooks)
     assert {r.metric for r in fixed} >= {"whole fit / plain (CPU)", "whole fit / plain (wall)"}
+
+
+def test_first_call_rows():
+    """The first ``update_split`` call of a new process, cold and after the monitor's warm-up, in real child
+    processes (the CPU kernel's backend named in the note)."""
+    rows = bench_first_call.first_call_rows(repeats=1, quick=True)
+    assert_well_formed(rows, 1)
+    assert [r.variant for r in rows] == ["cold", "after warm-up", "later calls"]
+    assert all(r.unit == "ms" and r.value > 0 for r in rows)
+    assert "backend" in rows[0].note
 
 
 @pytest.mark.skipif(not bench_memory.rss_supported(), reason="needs Linux /proc RSS counters")

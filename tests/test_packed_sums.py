@@ -171,7 +171,7 @@ def test_device_scalar_path_agrees_with_host_path() -> None:
 def _packed_layout(opt: torch.optim.Optimizer) -> Any:
     plan = plan_for(
         opt.param_groups, opt.state, adam_family=True, snapshot=None, reduce=None, chunk_numel=None,
-        triton=False, backend=None, cache=None, key=None,
+        triton=False, backend="packed", cache=None, key=None,
     )  # fmt: skip
     (assignment,) = plan.assignments
     assert assignment.backend == "packed"

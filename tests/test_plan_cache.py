@@ -118,19 +118,23 @@ def _backends(opt: torch.optim.Optimizer, **kwargs: Any) -> set[str]:
 
 
 def test_the_dispatch_table_decides(monkeypatch: pytest.MonkeyPatch) -> None:
-    """AdamW groups: triton where it runs (CUDA), else packed; Adam + L2 groups: foreach. ``triton=False`` and
-    ``LIGHTNING_ADAMW_TRITON=0`` take the kernel out of the choice."""
+    """AdamW groups: triton where it runs (CUDA), else numba (CPU, Numba installed), else packed; Adam + L2
+    groups: foreach. ``triton=False`` and ``LIGHTNING_ADAMW_TRITON=0`` take the Triton kernel out of the choice,
+    ``LIGHTNING_ADAMW_NUMBA=0`` the Numba one."""
     model = _model()
     adamw = torch.optim.AdamW(build_param_groups(model, 0.1), lr=1e-2)
     adam = torch.optim.Adam(build_param_groups(model, 0.1), lr=1e-2)
     model(torch.randn(4, 8)).sum().backward()
     adamw.step()
     adam.step()
-    auto = "triton" if backends_module.triton.available(torch.device("cpu")) else "packed"
+    cpu = "numba" if backends_module.numba.available() else "packed"
+    auto = "triton" if backends_module.triton.available(torch.device("cpu")) else cpu
     assert _backends(adamw) == {auto}
     assert _backends(adam) == {"foreach", auto}  # coupled decay group, no-decay group (AdamW at wd = 0)
-    assert _backends(adamw, triton=False) == {"packed"}
+    assert _backends(adamw, triton=False) == {cpu}
     monkeypatch.setenv("LIGHTNING_ADAMW_TRITON", "0")
+    assert _backends(adamw) == {cpu}
+    monkeypatch.setenv("LIGHTNING_ADAMW_NUMBA", "0")
     assert _backends(adamw) == {"packed"}
     assert _backends(adamw, backend="reference") == {"reference"}
 

@@ -73,11 +73,14 @@ class Arithmetic:
 
 #: Per backend. foreach: sqrt, / sqrt(1-beta2^t), + eps, reciprocal, * m, * step size, and the casts of three
 #: scalars: 9. packed: X = m / (sqrt(v) + c*eps): 3, the cast of c*eps and its float64 product: 5; s: its
-#: product, its cast, s*X: 8. triton: as packed, with CUDA's sqrt and division up to 2 ulp (4 roundings each): 14.
+#: product, its cast, s*X: 8. numba: as packed. triton: as packed, with CUDA's sqrt and division up to 2 ulp (4 roundings each): 14.
 ARITHMETIC: dict[str, Arithmetic] = {
     "foreach": Arithmetic(step=9, norm_sqrt=2),
     "packed": Arithmetic(step=8, norm_sqrt=2),
     "triton": Arithmetic(step=14, norm_sqrt=0),
+    # numba: as packed, every operation in float64 (bounded here in the compute dtype: an overestimate), the
+    # squares summed directly
+    "numba": Arithmetic(step=8, norm_sqrt=0),
 }
 #: the reference: the foreach formula in float64, torch.dot for every sum
 REFERENCE = Arithmetic(step=6, norm_sqrt=0)

@@ -6,7 +6,8 @@ backend       kinds                        what it is
 ============  ===========================  ==============================================================
 reference     adamw, adam_l2, generic      a float64 loop over the tensors: the oracle and the baseline
 foreach       adamw, adam_l2, generic      torch multi-tensor kernels over buckets of slices
-packed        adamw                        all tensors in a few large torch kernels (the CPU path)
+packed        adamw                        all tensors in a few large torch kernels (CPU without Numba)
+numba         adamw                        one compiled pass over the optimizer's tensors (the CPU path)
 triton        adamw                        one fused Triton kernel per dtype combination (the CUDA path)
 ============  ===========================  ==============================================================
 
@@ -27,7 +28,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from lightning_adamw.update_split.backends import foreach, packed, reference, triton
+from lightning_adamw.update_split.backends import foreach, numba, packed, reference, triton
 from lightning_adamw.update_split.contract import Backend, TensorWork
 from lightning_adamw.update_split.labels import Kind
 from lightning_adamw.update_split.state import GroupWork
@@ -36,12 +37,12 @@ __all__ = ["BACKENDS", "DISPATCH", "Assignment", "assign"]
 
 #: Every backend, by name.
 BACKENDS: dict[str, Backend] = {
-    b.name: b for b in (reference.BACKEND, foreach.BACKEND, packed.BACKEND, triton.BACKEND)
+    b.name: b for b in (reference.BACKEND, foreach.BACKEND, packed.BACKEND, numba.BACKEND, triton.BACKEND)
 }
 
 #: The automatic choice: per kind of group, the backends to try in order of preference.
 DISPATCH: dict[str, tuple[str, ...]] = {
-    "adamw": ("triton", "packed"),
+    "adamw": ("triton", "numba", "packed"),
     "adam_l2": ("foreach",),
     "generic": ("foreach",),
 }
