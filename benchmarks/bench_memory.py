@@ -20,6 +20,10 @@ everything after the update (the monitor's post-hook, logging, scheduler -> ``on
   monitor's own temporaries even where they do not raise the step's peak (the update's temporaries are
   larger).
 
+Every variant imports the monitor and loads Numba with the monitor's compiled CPU kernel before it trains, so the
+same code is resident in all: that library memory (about 150 MiB, once per process whatever the model's size) is
+reported as a row of its own, not as part of a step's peak.
+
 The GPU equivalent (``torch.cuda.max_memory_allocated``) is in :mod:`benchmarks.gpu`.
 """
 
@@ -80,7 +84,15 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     from benchmarks.bench_overhead import _quiet
     from benchmarks.models import GPTConfig, gpt_loader, lightning_gpt
     from lightning_adamw.monitor import WeightDecayMonitor  # imported by every variant: same code resident
+    from lightning_adamw.update_split.backends import numba as numba_backend
 
+    # Numba and the monitor's compiled CPU kernel too, in every variant: their resident memory is a fixed cost
+    # per process (reported as its own row), not a temporary of the step
+    before = _status_kib()["VmRSS"]
+    thread = numba_backend.warm_up([torch.float32])
+    if thread is not None:
+        thread.join()
+    library_bytes = (_status_kib()["VmRSS"] - before) * 1024
     _quiet()
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -127,7 +139,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         trainer.fit(
             module, train_dataloaders=gpt_loader(cfg, batch_size=spec["batch"], n_samples=spec["batch"] * 8)
         )
-    return {"param_bytes": param_bytes, "steps": steps}
+    return {"param_bytes": param_bytes, "steps": steps, "library_bytes": library_bytes}
 
 
 def _summarise(result: dict[str, Any], skip: int) -> dict[str, float]:
@@ -140,6 +152,7 @@ def _summarise(result: dict[str, Any], skip: int) -> dict[str, float]:
         "after_growth": statistics.median(after_growth),
         "update_growth": statistics.median(s["update_peak"] - s["rss_before_update"] for s in steps),
         "param_bytes": result["param_bytes"],
+        "library_bytes": result["library_bytes"],
     }
 
 
@@ -219,6 +232,18 @@ def run(repeats: int = 3, quick: bool = False) -> list[Row]:
             update,
             unit="%",
             note="peak growth during the foreach update (context: why the monitor's buffer hides under it)",
+        )
+    )
+    rows.append(
+        Row.from_stat(
+            ITEM,
+            "resident memory of the CPU kernel, once per process",
+            "Numba and its compiled kernel",
+            "RSS growth",
+            stat([r["library_bytes"] / 2**20 for rs in results.values() for r in rs]),
+            unit="MiB",
+            note="imported and loaded in every variant above (same code resident); not per step, not per"
+            " parameter; none with LIGHTNING_ADAMW_NUMBA=0 or on CUDA",
         )
     )
     plain_peak = statistics.median(r["step_peak"] for r in results["plain"])

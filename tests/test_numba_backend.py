@@ -147,3 +147,20 @@ def numba_typeof(value: Any) -> Any:
     import numba
 
     return numba.typeof(value)
+
+
+def _pool_runs_a_task() -> None:
+    assert numba_backend._pool().submit(lambda: 7).result(timeout=30) == 7
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="fork: POSIX only")
+def test_a_forked_child_gets_a_pool_of_its_own() -> None:
+    """A child forked after the pool started (a DataLoader worker, ``ddp_fork``) has none of its threads: it
+    must start its own instead of waiting forever on the parent's."""
+    import multiprocessing
+
+    _pool_runs_a_task()  # the parent's pool exists and has a thread
+    child = multiprocessing.get_context("fork").Process(target=_pool_runs_a_task)
+    child.start()
+    child.join(timeout=60)
+    assert child.exitcode == 0

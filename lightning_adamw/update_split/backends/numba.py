@@ -75,9 +75,10 @@ def available() -> bool:
 
 
 def _supported(item: TensorWork) -> bool:
+    # (the kernel reads raw addresses: every tensor must be in this process's memory)
     tensors = (item.p, item.m, item.v)
-    return item.p.device.type == "cpu" and all(
-        t is not None and t.is_contiguous() and t.dtype in _KNOWN for t in tensors
+    return all(
+        t is not None and t.device.type == "cpu" and t.is_contiguous() and t.dtype in _KNOWN for t in tensors
     )
 
 
@@ -202,6 +203,16 @@ _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
 
 
+def _forget_pool() -> None:
+    # a forked child has none of the parent's threads: a pool inherited from it would never run a task
+    global _POOL
+    _POOL = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
+
+
 def _pool() -> ThreadPoolExecutor:
     global _POOL
     with _POOL_LOCK:
@@ -228,8 +239,12 @@ def _grad_addresses(group: NumbaGroup, grads: Sequence[Tensor]) -> tuple[np.ndar
     used = sorted(set(group.piece_item.tolist()))
     mine = {j: grads[j] for j in used}
     dtypes = {g.dtype for g in mine.values()}
-    if len(dtypes) != 1 or not dtypes <= set(_KNOWN) or not all(g.is_contiguous() for g in mine.values()):
-        mine = {j: g.to(torch.float32).contiguous() for j, g in mine.items()}
+    if (
+        len(dtypes) != 1
+        or not dtypes <= set(_KNOWN)
+        or not all(g.is_contiguous() and g.device.type == "cpu" for g in mine.values())
+    ):
+        mine = {j: g.to(device="cpu", dtype=torch.float32).contiguous() for j, g in mine.items()}
     base = np.zeros(max(used) + 1 if used else 0, dtype=np.int64)
     for j, g in mine.items():
         base[j] = g.data_ptr()
