@@ -164,3 +164,22 @@ def test_a_forked_child_gets_a_pool_of_its_own() -> None:
     child.start()
     child.join(timeout=60)
     assert child.exitcode == 0
+
+
+def test_a_read_only_installation_compiles_without_the_disk_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where Numba finds no writable place for its cache it refuses ``cache=True``: the kernel is then compiled
+    in each process instead of failing."""
+    import numba
+
+    from lightning_adamw.update_split.backends import _numba_kernel
+
+    real = numba.njit
+
+    def njit(*args: Any, cache: bool = False, **kwargs: Any) -> Any:
+        if cache:
+            raise RuntimeError("cannot cache function 'f': no locator available for file '/usr/lib/f.py'")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(numba, "njit", njit)
+    compiled = _numba_kernel._compiled(lambda x: x + 1.0)
+    assert compiled(1.0) == 2.0

@@ -86,7 +86,17 @@ def _bits(typingctx: Any, x: Any) -> Any:
     return sig, codegen
 
 
-@numba.njit(nogil=True, fastmath={"reassoc", "nsz"}, error_model="numpy", cache=True)
+def _compiled(function: Any) -> Any:
+    """``function`` compiled with the flags above (and the GIL released), cached on disk where Numba finds a
+    writable place (next to this file, else the user's cache directory), else compiled once per process."""
+    flags = {"nogil": True, "fastmath": {"reassoc", "nsz"}, "error_model": "numpy"}
+    try:
+        return numba.njit(cache=True, **flags)(function)
+    except RuntimeError:  # "cannot cache function ...: no locator available" (a read-only installation)
+        return numba.njit(**flags)(function)
+
+
+@_compiled
 def adamw_piece_sums(
     p_addr: Any,
     m_addr: Any,
