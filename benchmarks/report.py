@@ -50,14 +50,18 @@ ITEM_NOTES: dict[int, str] = {
         spent in every other hook of the monitor (`on_train_start`, `on_train_batch_end`, `on_train_end`,
         `teardown`, state hooks), including any wait for the figure, which is drawn in a background thread
         and still written and sent to the loggers; the whole-fit ratios count all threads (CPU) or the clock
-        on the wall.
+        on the wall. The *first update_split call in a new process* rows time, in fresh Python processes
+        (wall clock), the first call after Numba's import and the load of its cached CPU kernel, cold and
+        after `warm_up()`, which the monitor starts in a background thread when training starts.
         """
     ),
     2: _para(
         """
         Both compute the same metrics from the same post-step optimizer state (checked to agree before
         timing); the naive loop calls `.norm().item()` / `.sum().item()` per tensor, the package uses its
-        packed backend (on CUDA its fused Triton kernel) and one host transfer. On a CPU `.item()` is not a
+        `numba` backend (one compiled pass over the optimizer's tensors; on CUDA its fused Triton kernel) and
+        one host transfer. `torch kernels (packed backend, no Numba)` is the package's fallback without Numba
+        (or with `LIGHTNING_ADAMW_NUMBA=0`), on the same state. On a CPU `.item()` is not a
         device sync and a foreach kernel is a C++ loop over the tensors, so the CPU ratio shows the
         Python/dispatch saving only; the GPU rows (item 5) show the sync saving. The package's `reference`
         backend (a float64 loop over the tensors: the oracle of the tests) is timed on the same state as the
@@ -86,7 +90,7 @@ ITEM_NOTES: dict[int, str] = {
         benchmarks --merge-gpu FILE`. `monitor (update_split)` is what `WeightDecayMonitor` runs on CUDA: the
         `triton` backend, one fused kernel (`lightning_adamw/update_split/backends/triton.py`: reads w, m, v
         once), plus the Python around it; `monitor, torch path` is the same computation with `triton=False` (the
-        `packed` backend's torch kernels, what runs on a CPU). On the 292-tensor model the call is bound by its Python (about
+        `packed` backend's torch kernels, what runs on a CPU without Numba). On the 292-tensor model the call is bound by its Python (about
         1 ms on that machine), not by the GPU.
         """
     ),
@@ -273,7 +277,12 @@ def _ab_lines(ab: dict[str, Any]) -> list[str]:
             `python -m benchmarks.ab BASELINE_TREE` ran the same items with each tree's own package and
             benchmark code, alternating trees run by run (each run interleaved and timed as above). Per tree:
             the median over runs of each run's median, with the smallest and largest run. `better` / `worse`
-            only where the two ranges do not overlap.
+            only where the two ranges do not overlap. Read the `worse` rows with their meaning: the *naive
+            loop* is the comparison's yardstick, not the product, and each tree's loop computes that tree's
+            metrics (the new one also the gradient norm and the rounded-away shares, hence slower); the
+            absolute *peak RSS of the step* rows include, in every variant of the new tree, the resident
+            memory of Numba and the monitor's compiled CPU kernel (item 3's own row: a fixed cost per process),
+            which is why the plain variant rises too.
             """
         ),
         "",
