@@ -69,7 +69,10 @@ def naive_update_split(optimizer: torch.optim.Optimizer, per_layer: bool = False
             beta1, beta2 = (float(b) for b in group["betas"])
             totals = [0.0] * NUM_COLUMNS
             for name, p in zip(param_labels(group, gi), group["params"], strict=True):
-                if p.grad is None:
+                if p.grad is None:  # left alone by the step: in the group's weights, with no update
+                    if p.requires_grad:
+                        totals[Col.IDLE] += p.norm().item() ** 2
+                        totals[Col.IDLE_NUMEL] += float(p.numel())
                     continue
                 state = optimizer.state[p]
                 update = adam_update(  # lr * u, what addcdiv subtracted, in the parameters' dtype

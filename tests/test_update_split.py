@@ -413,7 +413,7 @@ def test_derived_metric_formulas() -> None:
     lr, wd, beta1, numel = 1e-3, 0.05, 0.9, 1000
     metrics = derive_metrics(
         "adamw",
-        [1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, numel, 1],
+        [1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, numel, 1, 0.0, 0.0],
         lr=lr,
         weight_decay=wd,
         beta1=beta1,
@@ -429,17 +429,17 @@ def test_derived_metric_formulas() -> None:
     assert metrics["ema_timescale_steps"] == pytest.approx(1 / (lr * wd), rel=formula_rel(2), abs=0)
     assert metrics["ema_timescale_epochs"] == pytest.approx(1 / (lr * wd * 20), rel=formula_rel(3), abs=0)
     without_momentum = derive_metrics(
-        "adamw", [1, 0, 0, 1, 0, 0, 0, 0, 1, 1], lr=lr, weight_decay=wd, beta1=0.0
+        "adamw", [1, 0, 0, 1, 0, 0, 0, 0, 1, 1, 0, 0], lr=lr, weight_decay=wd, beta1=0.0
     )
     angle = math.sqrt(2 * lr * wd)
     assert without_momentum["equilibrium_angular_update"] == pytest.approx(angle, rel=formula_rel(6), abs=0)
-    no_decay = derive_metrics("adamw", [1, 0, 0, 1, 0, 0, 0, 0, 1, 1], lr=lr, weight_decay=0.0)
+    no_decay = derive_metrics("adamw", [1, 0, 0, 1, 0, 0, 0, 0, 1, 1, 0, 0], lr=lr, weight_decay=0.0)
     assert no_decay["decay_norm"] == 0.0 and "equilibrium_weight_norm" not in no_decay
 
 
 def test_documented_metric_names_are_the_computed_ones() -> None:
     """The name tuples (copied into the docs) list exactly what each kind of group and tensor reports."""
-    sums = [4.0, 1.0, 0.3, 4.5, 2.0, 0.1, 2, 0.5, 10, 1]  # (indexed by Col)
+    sums = [4.0, 1.0, 0.3, 4.5, 2.0, 0.1, 2, 0.5, 10, 1, 0.0, 0.0]  # (indexed by Col)
     full = derive_metrics("adamw", sums, lr=1e-2, weight_decay=0.1, beta1=0.9, steps_per_epoch=5)
     assert set(full) == set(us.ADAMW_GROUP_METRICS)
     layer = derive_metrics("adamw", sums, lr=1e-2, weight_decay=0.1, group_level=False)

@@ -27,7 +27,16 @@ column     sum                                     kinds                        
            \Delta_i^2`
 ``NUMEL``  number of elements                      all                          the caller (constant per plan)
 ``COUNT``  1 (> 0: updated by this step)           all                          the caller (constant per plan)
+``IDLE``   :math:`\|w\|^2` of a trainable tensor    all                          the caller (``sums.py``)
+           the step did not update
+``IDLE_    its number of elements                  all                          the caller (constant per plan)
+NUMEL``
 =========  ======================================  ===========================  ============================
+
+``IDLE`` rows are the group's tensors with ``requires_grad`` that this step left alone (no gradient: an unused
+branch, an MoE expert no token reached; or no Adam state yet): the group's weight vector still holds them, so
+its weight norm and every ratio to it count them, with a zero update. Frozen tensors (``requires_grad=False``)
+are not trained and are left out.
 
 :math:`w_{new} + b` is :math:`(1 - \eta\lambda)\,w_{old}` for AdamW and :math:`w_{old}` otherwise. ``S`` is formed
 elementwise, never as ``N + 2E + B``: for a weight that was 0 before the step that would cancel to rounding noise
@@ -118,6 +127,8 @@ class Col(IntEnum):
     RD = 7
     NUMEL = 8
     COUNT = 9
+    IDLE = 10
+    IDLE_NUMEL = 11
 
 
 #: Width of the sums table.

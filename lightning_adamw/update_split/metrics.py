@@ -54,9 +54,24 @@ __all__ = [
 W_OLD_MAX_RELATIVE_ERROR = 2.0**-6
 _FLOAT64_EPS = float(torch.finfo(torch.float64).eps)
 _NAN = math.nan
-#: a row's N, B, E, S, G, F, R, RD, numel, by column (one C-level call)
+#: a row's N, B, E, S, G, F, R, RD, numel, idle N and numel, by column (one C-level call)
 _SUMS = operator.itemgetter(
-    *(int(c) for c in (Col.N, Col.B, Col.E, Col.S, Col.G, Col.F, Col.R, Col.RD, Col.NUMEL))
+    *(
+        int(c)
+        for c in (
+            Col.N,
+            Col.B,
+            Col.E,
+            Col.S,
+            Col.G,
+            Col.F,
+            Col.R,
+            Col.RD,
+            Col.NUMEL,
+            Col.IDLE,
+            Col.IDLE_NUMEL,
+        )
+    )
 )
 
 
@@ -98,6 +113,21 @@ def _angle(n: float, b: float, e: float) -> float:
     return math.atan2(perp, root_n + e / root_n)
 
 
+def _angle_from_sides(u: float, v: float, diff: float) -> float:
+    """Angle between two vectors from their norms ``u``, ``v`` and the norm of their difference ``diff``.
+
+    Kahan's formula for the angle of a triangle ("Miscalculating Area and Angles of a Needle-like Triangle",
+    2014, section 9): stable for the tiny angles of real training, where the law of cosines cancels."""
+    a, b = (u, v) if u >= v else (v, u)
+    c = diff
+    if b <= 0.0:
+        return _NAN
+    mu = c - (a - b) if b >= c else b - (a - c)
+    if mu < 0.0:  # (rounding: the sides violate the triangle inequality by an ulp)
+        mu = 0.0
+    return 2.0 * math.atan(math.sqrt(((a - b) + c) * mu / ((a + (b + c)) * ((a - c) + b))))
+
+
 class Quantities:
     r"""What the formulas read, from the sums of one tensor or group and the step's hyperparameters.
 
@@ -114,6 +144,8 @@ class Quantities:
 
     __slots__ = (
         "a",
+        "a_updated",
+        "all_numel",
         "b",
         "beta1",
         "d",
@@ -122,6 +154,7 @@ class Quantities:
         "e",
         "f",
         "g",
+        "idle",
         "known",
         "lost",
         "lost_sq",
@@ -153,8 +186,12 @@ class Quantities:
         sgd_momentum: float | None = None,
     ) -> None:
         # (straight-line code with few calls: this runs for every tensor of a model at every logged step)
-        n, b, e, s, g, f, lost, lost_sq, numel = _SUMS(sums)
-        self.n, self.b, self.e, self.g, self.f, self.numel = n, b, e, g, f, numel
+        n, b, e, s, g, f, lost, lost_sq, numel, idle, idle_numel = _SUMS(sums)
+        # (idle: |w|^2 of the group's trainable tensors this step left alone; they are in the weight vector, so in
+        # every norm of the weights and ratio to it, with a zero update; 0 for a tensor's own row)
+        self.n, self.b, self.e, self.g, self.f, self.numel = n + idle, b, e, g, f, numel
+        self.all_numel = numel + idle_numel
+        self.idle = idle
         self.lost, self.lost_sq = lost, lost_sq
         self.root_g = math.sqrt(g) if g > 0.0 else 0.0
         self.sgd_momentum = sgd_momentum
@@ -162,9 +199,10 @@ class Quantities:
         self.steps_per_epoch = steps_per_epoch
         self.denominators = denominators
         self.decayed = weight_decay > 0.0 and lr > 0.0
-        self.root_n = root_n = math.sqrt(n) if n > 0.0 else 0.0
+        root_n_updated = math.sqrt(n) if n > 0.0 else 0.0
+        self.root_n = math.sqrt(n + idle) if n + idle > 0.0 else 0.0
         self.root_b = root_b = math.sqrt(b) if b > 0.0 else 0.0
-        below_noise = s <= 0.0 or math.sqrt(s) <= 8.0 * rounding * (root_n + root_b)
+        below_noise = s <= 0.0 or math.sqrt(s) <= 8.0 * rounding * (root_n_updated + root_b)
         self.lr_wd = lr_wd = lr * weight_decay
         self.d = 0.0
         if kind == "adamw":
@@ -177,18 +215,20 @@ class Quantities:
                     self.known = known = False
             if known:
                 c = 1.0 / q
-                self.a = a = c * c * s  # |w_old|^2
+                self.a_updated = a = c * c * s  # |w_old|^2 of the updated tensors
+                self.a = a + idle
                 self.d = d = c * (e + b) if s > 0.0 else 0.0  # <w_old, lr*u>
-                self.root_a = _sqrt(a)
-                # w_new - w_old = -(lr*wd*w_old + lr*u)
+                self.root_a = _sqrt(a + idle)
+                # w_new - w_old = -(lr*wd*w_old + lr*u), on the updated tensors (0 on the idle ones)
                 self.update = _sqrt(lr_wd * lr_wd * a + 2.0 * lr_wd * d + b)
             else:
-                self.a = self.root_a = self.update = _NAN
+                self.a = self.a_updated = self.root_a = self.update = _NAN
         else:
             self.known = True
             self.q = 1.0
-            self.a = s = 0.0 if below_noise else s  # w_old = w_new + b
-            self.root_a = math.sqrt(s) if s > 0.0 else 0.0
+            self.a_updated = s = 0.0 if below_noise else s  # w_old = w_new + b
+            self.a = s + idle
+            self.root_a = math.sqrt(s + idle) if s + idle > 0.0 else 0.0
             self.update = root_b
 
 
@@ -207,7 +247,7 @@ def _adamw(x: Quantities, group_level: bool) -> dict[str, float]:
     out: dict[str, float] = {}
     known = x.known  # the metrics that need w_old exist only when it was reconstructed
     if known:
-        out["decay_norm"] = decay = abs(x.lr_wd) * x.root_a  # ||lr*wd*w_old||, AdamW's decay
+        out["decay_norm"] = decay = abs(x.lr_wd) * _sqrt(x.a_updated)  # ||lr*wd*w_old||, AdamW's decay
     out["grad_update_norm"] = x.root_b  # ||lr*u||
     if known:
         out["decay_to_grad_ratio"] = _ratio(decay, x.root_b)
@@ -219,9 +259,12 @@ def _adamw(x: Quantities, group_level: bool) -> dict[str, float]:
         out["cos_grad_update_weight"] = (
             -x.d / (x.root_a * x.root_b) if x.root_a > 0 and x.root_b > 0 else _NAN
         )
-        # angle(w_old, w_new): w_new + lr*u = q*w_old points along w_old, or against it when q < 0 (lr*wd > 1)
-        angle = _angle(x.n, x.b, x.e) if x.root_a > 0 else _NAN
-        out["angular_update"] = math.pi - angle if x.q < 0.0 else angle
+        if x.idle > 0.0:  # (idle tensors: w_old and w_new differ only on the updated ones, by the update)
+            out["angular_update"] = _angle_from_sides(x.root_n, x.root_a, x.update)
+        else:
+            # angle(w_old, w_new): w_new + lr*u = q*w_old points along w_old, or against it when q < 0
+            angle = _angle(x.n, x.b, x.e) if x.root_a > 0 else _NAN
+            out["angular_update"] = math.pi - angle if x.q < 0.0 else angle
     out["grad_norm"] = x.root_g  # ||g||, the gradient the step used
     # ||g|| / ||w_old||, the weights the step saw; ||w_new|| where w_old is not known (a relative difference of
     # about update_to_weight)
@@ -239,7 +282,7 @@ def _adamw(x: Quantities, group_level: bool) -> dict[str, float]:
             # sqrt(2*lr*wd*(1-beta1)/(1+beta1)) (= sqrt(2*lr*wd) without momentum)
             out["equilibrium_angular_update"] = math.sqrt(2.0 * x.lr_wd * (1.0 - x.beta1) / (1.0 + x.beta1))
         # ... and the equilibrium norm sqrt(lr*C/(2*wd)), C = number of elements (same paper)
-        out["equilibrium_weight_norm"] = math.sqrt(x.lr * x.numel / (2.0 * x.weight_decay))
+        out["equilibrium_weight_norm"] = math.sqrt(x.lr * x.all_numel / (2.0 * x.weight_decay))
         if group_level:
             # Wang & Aitchison (2024): AdamW's weights are an EMA over 1/(lr*wd) steps
             out["ema_timescale_steps"] = 1.0 / x.lr_wd
@@ -253,8 +296,8 @@ def _adam_l2(x: Quantities, group_level: bool) -> dict[str, float]:
     :math:`u` (why AdamW decouples it: Loshchilov & Hutter, 2019)."""
     wd = x.weight_decay
     out: dict[str, float] = {
-        # ||wd*w_old|| / ||g + wd*w_old||: the share of the gradient that is the L2 term
-        "l2_grad_share": _ratio(wd * x.root_a, _sqrt(x.g + 2.0 * wd * x.f + wd * wd * x.a))
+        # ||wd*w_old|| / ||g + wd*w_old||: the share of the gradient that is the L2 term (of the updated tensors)
+        "l2_grad_share": _ratio(wd * _sqrt(x.a_updated), _sqrt(x.g + 2.0 * wd * x.f + wd * wd * x.a_updated))
     }
     if group_level and x.denominators is not None:
         # the per-coordinate decay lr*wd / (sqrt(v_hat) + eps) that L2 inside Adam applies: its min comes from
@@ -268,12 +311,19 @@ def _adam_l2(x: Quantities, group_level: bool) -> dict[str, float]:
     out["update_norm"] = x.root_b  # ||w_new - w_old||
     out["weight_norm"] = x.root_n
     out["update_to_weight"] = _ratio(x.root_b, x.root_a)
-    out["angular_update"] = _angle(x.n, x.b, x.e) if x.root_a > 0 else _NAN
+    out["angular_update"] = _angle_idle(x)
     out["grad_norm"] = x.root_g  # ||g||, the loss gradient in .grad (without the L2 term Adam adds to it)
     out["grad_to_weight"] = _ratio(x.root_g, x.root_a)  # ||g|| / ||w_old||
     out["rounded_away_fraction"] = _ratio(x.lost, x.numel)  # (the update is b here: delta = b)
     out["rounded_away_sq_norm_fraction"] = _share(x.lost_sq, x.root_b)
     return out
+
+
+def _angle_idle(x: Quantities) -> float:
+    """angle(w_old, w_new) where ``w_old = w_new + b`` on the updated tensors (Adam + L2, other optimizers)."""
+    if x.root_a <= 0:
+        return _NAN
+    return _angle(x.n, x.b, x.e) if x.idle == 0.0 else _angle_from_sides(x.root_n, x.root_a, x.root_b)
 
 
 def _generic(x: Quantities, group_level: bool) -> dict[str, float]:
@@ -282,7 +332,7 @@ def _generic(x: Quantities, group_level: bool) -> dict[str, float]:
         "update_norm": x.root_b,
         "weight_norm": x.root_n,
         "update_to_weight": _ratio(x.root_b, x.root_a),
-        "angular_update": _angle(x.n, x.b, x.e) if x.root_a > 0 else _NAN,
+        "angular_update": _angle_idle(x),
         "grad_norm": x.root_g,  # ||g||, the loss gradient in .grad (SGD adds weight_decay * w to it itself)
         "grad_to_weight": _ratio(x.root_g, x.root_a),  # ||g|| / ||w_old||
     }

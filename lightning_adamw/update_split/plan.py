@@ -148,18 +148,24 @@ def plan_for(
 
 
 def _base(works: Sequence[GroupWork], num_rows: int) -> dict[torch.device, Tensor]:
-    """Per device, a table holding only the constant columns: ``NUMEL`` and ``COUNT`` (a tensor sliced in
-    several pieces counts once; replica weights make replicated shards sum to one)."""
+    """Per device, a table holding only the constant columns: ``NUMEL`` and ``COUNT`` of the updated tensors,
+    ``IDLE_NUMEL`` of the idle ones (a tensor sliced in several pieces counts once; replica weights make
+    replicated shards sum to one)."""
     by_device: dict[torch.device, tuple[list[int], list[list[float]]]] = {}
     for w in works:
         for it in w.items:
             rows, values = by_device.setdefault(it.p.device, ([], []))
             rows.append(it.row)
-            values.append([float(it.p.numel()) * it.weight, it.weight])
+            values.append([float(it.p.numel()) * it.weight, it.weight, 0.0])
+        for row, flat, weight in w.idle if w.items else ():  # (a group with no update is not reported)
+            rows, values = by_device.setdefault(flat.device, ([], []))
+            rows.append(row)
+            values.append([0.0, 0.0, float(flat.numel()) * weight])
     out = {}
     for device, (rows, values) in by_device.items():
         base = torch.zeros(num_rows, NUM_COLUMNS, dtype=acc_dtype(device))
-        base[:, Col.NUMEL : Col.COUNT + 1].index_add_(
+        columns = torch.tensor([Col.NUMEL, Col.COUNT, Col.IDLE_NUMEL])
+        base[:, columns] = base[:, columns].index_add(
             0, torch.tensor(rows), torch.tensor(values, dtype=base.dtype)
         )
         out[device] = base if device.type == "cpu" else base.to(device, non_blocking=True)
@@ -176,6 +182,7 @@ def _data_ptr(t: Tensor) -> int:
 
 _PLAIN_TYPES = frozenset({Tensor, torch.nn.Parameter})
 _GRAD = operator.attrgetter("grad")
+_REQUIRES_GRAD = operator.attrgetter("requires_grad")
 _EXP_AVG = operator.itemgetter("exp_avg")
 _STEP = operator.itemgetter("step")
 
@@ -199,7 +206,7 @@ def _signature(
         for p in group["params"]:
             st = state.get(p)
             if p.grad is None or not st or "exp_avg" not in st or "step" not in st:
-                sig.append(id(p))
+                sig.append((id(p), p.requires_grad))
             else:
                 m, v = st["exp_avg"], st[v_name]
                 sig.append((id(p), _data_ptr(p), id(st), id(m), id(v), _data_ptr(m), _data_ptr(v)))
@@ -220,6 +227,7 @@ def _group_signature(
             tuple(map(id, params)),
             tuple(map(Tensor.data_ptr, params)),
             tuple(map(operator.is_not, map(_GRAD, params), repeat(None))),  # which have a gradient
+            tuple(map(_REQUIRES_GRAD, params)),  # which are trainable (the idle ones among them)
             tuple(map(id, states)),
             tuple(map(id, map(_EXP_AVG, states))),
             tuple(map(id, map(operator.itemgetter(v_name), states))),

@@ -255,8 +255,12 @@ def assemble(
             continue
         live = [rows[w.rows[i]] for i in live_pos]
         finite_flags = [math.isfinite(sum(sums)) for sums in live]  # a NaN or inf anywhere makes the sum so
-        group_finite = all(finite_flags)
         totals = [sum(column) for column in zip(*live, strict=True)]
+        if w.idle:  # the trainable tensors the step left alone: in the group's weights, with a zero update
+            idle_rows = [rows[r] for r, _, _ in w.idle]
+            totals[Col.IDLE] = sum(r[Col.IDLE] for r in idle_rows)
+            totals[Col.IDLE_NUMEL] = sum(r[Col.IDLE_NUMEL] for r in idle_rows)
+        group_finite = all(finite_flags) and math.isfinite(totals[Col.IDLE])
         denominators = None
         if w.kind == "adam_l2":
             lo, hi, median = host[offset + 3 * w.coupled_index : offset + 3 * w.coupled_index + 3]

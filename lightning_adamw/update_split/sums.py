@@ -22,6 +22,7 @@ from lightning_adamw.update_split.contract import (
     SumsRequest,
     Tables,
     acc_dtype,
+    host_to,
 )
 from lightning_adamw.update_split.plan import Plan
 from lightning_adamw.update_split.reduce import ShardReduce
@@ -63,6 +64,7 @@ def sums_table(
             if backend.fallible and plan.choice[0] is None:
                 raise BackendFailure(backend.name, err) from err
             raise
+    _add_idle(plan, tables)
     main = plan.device
     if len(tables.tables) == 1 and main in tables.tables:
         table = tables.tables[main]  # one device: its table is the result (no copy)
@@ -74,6 +76,22 @@ def sums_table(
     if reduce is not None:
         reduce.all_reduce(table, "sum")
     return table
+
+
+def _add_idle(plan: Plan, tables: Tables) -> None:
+    """``IDLE``: the squared norm of each trainable tensor the step did not update, in the table's dtype (one
+    norm kernel per such tensor: they are few, and none in most steps), times its replica weight."""
+    by_device: dict[torch.device, tuple[list[int], list[Tensor], list[float]]] = {}
+    for work in plan.works:
+        for row, flat, weight in work.idle if work.items else ():  # (a group with no update is not reported)
+            rows, norms, weights = by_device.setdefault(flat.device, ([], [], []))
+            rows.append(row)
+            norms.append(torch.linalg.vector_norm(flat, dtype=acc_dtype(flat.device)))
+            weights.append(weight)
+    for device, (rows, norms, weights) in by_device.items():
+        table = tables.on(device)
+        squares = torch.stack(norms).square_().mul_(host_to(weights, table.dtype, device))
+        table[:, Col.IDLE].index_add_(0, host_to(rows, torch.int64, device), squares)
 
 
 def fetch(parts: Sequence[Tensor], device: torch.device) -> list[float]:

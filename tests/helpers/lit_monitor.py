@@ -202,6 +202,7 @@ class StepRecorder(Callback):
                         "named": g.get("param_names") is not None
                         and len(g["param_names"]) == len(g["params"]),
                         "dtypes": [str(p.dtype) for p in g["params"]],
+                        "trainable": [bool(p.requires_grad) for p in g["params"]],
                         "old": [self._value(p) for p in g["params"]],
                     }
                     for i, g in enumerate(opt.param_groups)

@@ -57,6 +57,7 @@ def snapshot_record(opt: torch.optim.Optimizer, step: int, closure: Callable[[],
                 ),
                 "named": g.get("param_names") is not None,
                 "dtypes": [str(p.dtype) for p in g["params"]],
+                "trainable": [bool(p.requires_grad) for p in g["params"]],
                 "old": [p.detach().double().clone() for p in g["params"]],
             }
         )
@@ -124,16 +125,22 @@ def _reference(
     lr: float,
     wd: float,
     maximize: bool,
+    idle: torch.Tensor | None = None,
 ) -> dict[str, float]:
+    """By the definitions, for the updated tensors ``old``, ``new``, ``grad`` (flat, concatenated) and the
+    group's trainable tensors the step left alone, ``idle``: those are in the group's weight vector (norms of the
+    weights and ratios to them) with a zero update, no gradient and no decay."""
     old, new = old.reshape(-1), new.reshape(-1)
+    idle = torch.zeros(0, dtype=old.dtype) if idle is None else idle.reshape(-1)
+    old_all, new_all = torch.cat([old, idle]), torch.cat([new, idle])
     grad = None if grad is None else grad.reshape(-1)
-    out: dict[str, float] = {"weight_norm": _norm(new), "angular_update": _angle(old, new)}
+    out: dict[str, float] = {"weight_norm": _norm(new_all), "angular_update": _angle(old_all, new_all)}
     delta = new - old
     out["update_norm"] = _norm(delta)
-    out["update_to_weight"] = _div(_norm(delta), _norm(old))
+    out["update_to_weight"] = _div(_norm(delta), _norm(old_all))
     if grad is not None:  # the gradient the step used (accumulated, clipped), as the step read it
         out["grad_norm"] = _norm(grad)
-        out["grad_to_weight"] = _div(out["grad_norm"], _norm(old))
+        out["grad_to_weight"] = _div(out["grad_norm"], _norm(old_all))
     if kind == "adamw":
         decay = lr * wd * old
         grad_update = new - (1.0 - lr * wd) * old  # what the optimizer moved besides the decay
@@ -141,7 +148,7 @@ def _reference(
         out["grad_update_norm"] = _norm(grad_update)
         out["decay_to_grad_ratio"] = _div(out["decay_norm"], out["grad_update_norm"])
         out["cos_grad_update_weight"] = _div(
-            float(torch.dot(grad_update, old)), _norm(grad_update) * _norm(old)
+            float(torch.dot(grad_update, old)), _norm(grad_update) * _norm(old_all)
         )
     elif kind == "adam_l2":
         assert grad is not None
@@ -210,6 +217,10 @@ def reference_metrics(
         ]
         if not updated:
             continue
+        trainable = g.get("trainable", [True] * len(g["old"]))
+        idle = [
+            i for i, gr in enumerate(g["grad"]) if gr is None and trainable[i] and g["old"][i].numel() > 0
+        ]
         grads = [g["grad"][i] for i in updated]
         ref = _reference(
             kind,
@@ -219,6 +230,7 @@ def reference_metrics(
             g["lr"],
             g["weight_decay"],
             g["maximize"],
+            idle=_cat(g["old"][i] for i in idle),
         )
         for key, value in ref.items():
             out[f"{kind}/{label}/{key}"] = value
