@@ -30,7 +30,7 @@ from lightning_adamw.update_split.backends import triton as triton_backend
 from lightning_adamw.update_split.contract import NUM_COLUMNS, Col, acc_dtype
 from lightning_adamw.update_split.labels import group_kind
 from lightning_adamw.update_split.reduce import ShardReduce
-from lightning_adamw.update_split.state import GroupWork, read_state, v_key
+from lightning_adamw.update_split.state import GroupWork, local_flat, read_state, v_key
 
 __all__ = ["Plan", "PlanCache", "plan_for"]
 
@@ -157,7 +157,8 @@ def _base(works: Sequence[GroupWork], num_rows: int) -> dict[torch.device, Tenso
             rows, values = by_device.setdefault(it.p.device, ([], []))
             rows.append(it.row)
             values.append([float(it.p.numel()) * it.weight, it.weight, 0.0])
-        for row, flat, weight in w.idle if w.items else ():  # (a group with no update is not reported)
+        for row, param, weight in w.idle if w.items else ():  # (a group with no update is not reported)
+            flat = local_flat(param)
             rows, values = by_device.setdefault(flat.device, ([], []))
             rows.append(row)
             values.append([0.0, 0.0, float(flat.numel()) * weight])

@@ -41,8 +41,8 @@ class GroupWork:
     rounding: list[float]
     #: the tensors this step updated
     items: list[TensorWork] = field(default_factory=list)
-    #: the trainable tensors (``requires_grad``) this step did not update, as ``(row, flat local weights, replica
-    #: weight)``: their squared norm goes to the ``IDLE`` column (the group's weight vector still holds them)
+    #: the trainable tensors (``requires_grad``) this step did not update, as ``(row, parameter, replica weight)``:
+    #: their squared norm goes to the ``IDLE`` column (the group's weight vector still holds them)
     idle: list[tuple[int, Tensor, float]] = field(default_factory=list)
     #: position among the coupled-L2 groups (their denominator statistics), -1 for other kinds
     coupled_index: int = -1
@@ -99,7 +99,7 @@ def read_state(
             if item is not None:
                 work.items.append(item)
             elif p.requires_grad:
-                work.idle.append((row, local_flat(p), reduce.weight(p) if reduce is not None else 1.0))
+                work.idle.append((row, p, reduce.weight(p) if reduce is not None else 1.0))
             row += 1
         works.append(work)
     return works, row

@@ -26,7 +26,7 @@ from lightning_adamw.update_split.contract import (
 )
 from lightning_adamw.update_split.plan import Plan
 from lightning_adamw.update_split.reduce import ShardReduce
-from lightning_adamw.update_split.state import current_grads
+from lightning_adamw.update_split.state import current_grads, local_flat
 
 __all__ = ["BackendFailure", "fetch", "sums_table"]
 
@@ -83,7 +83,8 @@ def _add_idle(plan: Plan, tables: Tables) -> None:
     norm kernel per such tensor: they are few, and none in most steps), times its replica weight."""
     by_device: dict[torch.device, tuple[list[int], list[Tensor], list[float]]] = {}
     for work in plan.works:
-        for row, flat, weight in work.idle if work.items else ():  # (a group with no update is not reported)
+        for row, param, weight in work.idle if work.items else ():  # (a group with no update is not reported)
+            flat = local_flat(param)  # (read now: a cached plan must not hold a copy of the weights)
             rows, norms, weights = by_device.setdefault(flat.device, ([], [], []))
             rows.append(row)
             norms.append(torch.linalg.vector_norm(flat, dtype=acc_dtype(flat.device)))
