@@ -229,11 +229,14 @@ def _check_independent(module: Any, scheduler: WeightDecayScheduler, decay_sourc
     rows = [r for r in scheduler.group_rows() if r["follows"]]
     if decay_source is None:
         value = module.adamw_setting("weight_decay")
+        # (None leaves λ to the optimizer's own default: what the groups hold now is what it would use)
+        used = value if value is not None else (rows[0]["base_weight_decay"] if rows else None)
+        default = f"the default {value!r}" if value is not None else "None, the optimizer's own default"
+        shrink = f" would shrink the weights by {float(used):.0%} every step" if used is not None else ""
         raise ValueError(
             f"`weight_decay_schedule` 'independent' takes λ as the per-step decay at the peak lr (typically 1e-5 "
-            f"to 1e-3), and `weight_decay` is not given (the default {value!r} would shrink the weights by "
-            f"{float(value):.0%} every step): give `weight_decay` in per-step units, or `ema_timescale_epochs` / "
-            "`ema_timescale_fraction`"
+            f"to 1e-3), and `weight_decay` is not given ({default}{shrink}): give `weight_decay` in per-step "
+            "units, or `ema_timescale_epochs` / `ema_timescale_fraction`"
         )
     big = [r for r in rows if r["base_weight_decay"] >= INDEPENDENT_LIMIT]
     if big:

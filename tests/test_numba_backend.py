@@ -129,14 +129,14 @@ def test_a_kernel_failure_falls_back_to_packed_with_the_same_numbers(monkeypatch
 
 
 def test_warm_up_compiles_in_the_background_once_per_dtype() -> None:
-    """``warm_up`` loads (or compiles) the kernel for a dtype in a daemon thread, once per process; the first
+    """``warm_up`` loads (or compiles) the kernel for a dtype in a background thread, once per process; the first
     real call then finds it ready."""
     from lightning_adamw.update_split.backends import _numba_kernel
 
     dtype = torch.float16  # (the other tests of this process sum float32, bfloat16 and float64 tensors)
     numba_backend._WARMED.discard((dtype,) * 4)
     thread = numba_backend.warm_up([dtype, torch.int64])  # (an integer dtype is not a parameter dtype here)
-    assert thread is not None and thread.daemon
+    assert thread is not None and not thread.daemon  # (the process waits for it: no abort inside LLVM at exit)
     thread.join(timeout=120)
     like = _numba_kernel.element_type(dtype)
     assert any(sig[9:13] == (numba_typeof(like),) * 4 for sig in _numba_kernel.adamw_piece_sums.signatures)

@@ -142,11 +142,31 @@ def test_independent_refuses_a_default_or_torch_unit_lambda() -> None:
     for kwargs, match in (
         ({}, r"`weight_decay` is not given \(the default 0.1"),  # Net's own default: not given on purpose
         ({"weight_decay": 0.05}, r"the per-step λ is 0.05·lr_max = 0.0005"),
+        # None given on purpose leaves λ to torch's AdamW default, 0.01: refused with that value
+        ({"weight_decay": None}, r"`weight_decay` is 0.01 for group 'decay'"),
     ):
         model = Net(weight_decay_schedule="independent", **kwargs)
         model.trainer = trainer
         with pytest.raises(ValueError, match=match):
             model.configure_optimizers()
+
+
+class NetWithoutDecay(Net):
+    """A module whose own default ``weight_decay`` is None (the optimizer's default, as ``build_param_groups``
+    documents)."""
+
+    def __init__(self, weight_decay: float | None = None, weight_decay_schedule: Any = None) -> None:
+        super().__init__(weight_decay=weight_decay, weight_decay_schedule=weight_decay_schedule)  # type: ignore[arg-type]
+
+
+def test_independent_refuses_a_none_default_with_its_message() -> None:
+    """It once crashed formatting None (a TypeError with no hint) instead of refusing in words."""
+    model = NetWithoutDecay(weight_decay_schedule="independent")
+    model.trainer = L.Trainer(max_steps=8, accelerator="cpu", logger=False, enable_progress_bar=False)
+    with pytest.raises(
+        ValueError, match=r"not given \(None, the optimizer's own default would shrink the weights by 1%"
+    ):
+        model.configure_optimizers()
 
 
 def test_learning_rate_monitor_logs_the_value_each_step_applies(tmp_path: Path) -> None:

@@ -156,7 +156,7 @@ _WARMED: set[tuple[torch.dtype, ...]] = set()
 
 def warm_up(dtypes: Sequence[torch.dtype]) -> threading.Thread | None:
     """Import Numba and compile (or load from Numba's cache) the kernel for parameters, state and gradients of
-    each of ``dtypes``, in a daemon thread: the first call of a process then does not wait for it (numba's
+    each of ``dtypes``, in a background thread (which the process waits for when it exits): the first call of a process then does not wait for it (numba's
     import and a cached kernel's load take about half a second). Returns the thread, or ``None`` when there is
     nothing to do (not available, or done before). A call that comes while it runs waits for it (Numba's
     compiler lock); an error there is left to that call, which reports it as a backend failure."""
@@ -194,7 +194,10 @@ def warm_up(dtypes: Sequence[torch.dtype]) -> threading.Thread | None:
         except Exception:
             pass
 
-    thread = threading.Thread(target=job, name="lightning-adamw-numba-warm-up", daemon=True)
+    # Not a daemon: a process that ends while LLVM is still loading the kernel must wait for it (a daemon thread
+    # stopped inside LLVM's C++ aborts the process: "terminate called without an active exception", seen in a
+    # 4-step DDP rank).
+    thread = threading.Thread(target=job, name="lightning-adamw-numba-warm-up", daemon=False)
     thread.start()
     return thread
 
