@@ -128,7 +128,8 @@ class DigitsTask(L.LightningModule):
         logits = self(images)
         self.val_acc(logits, labels)
         self.val_f1(logits, labels)
-        self.log("val_loss", F.cross_entropy(logits, labels), prog_bar=True)
+        # (sync_dist: under DDP the logged loss is the mean over ranks, as the torchmetrics metrics are)
+        self.log("val_loss", F.cross_entropy(logits, labels), prog_bar=True, sync_dist=True)
         self.log("val_acc", self.val_acc, prog_bar=True)
         self.log("val_f1", self.val_f1)
 
@@ -137,7 +138,7 @@ class DigitsTask(L.LightningModule):
         logits = self(images)
         self.test_acc(logits, labels)
         self.test_f1(logits, labels)
-        self.log("test_loss", F.cross_entropy(logits, labels))
+        self.log("test_loss", F.cross_entropy(logits, labels), sync_dist=True)
         self.log("test_acc", self.test_acc)
         self.log("test_f1", self.test_f1)
 

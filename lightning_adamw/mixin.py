@@ -338,7 +338,13 @@ class DecoupledWeightDecayMixin(AdamWSettings):
             return
         self._lightning_adamw_reported = True
         if self.adamw_setting("print_param_groups"):
-            table = describe_param_groups(decisions=decisions, weight_decay=weight_decay)
+            # (a schedule's groups hold λ as base_weight_decay and another weight_decay: the column says λ)
+            scheduled = any(BASE_KEY in g for g in groups)
+            table = describe_param_groups(
+                decisions=decisions,
+                weight_decay=weight_decay,
+                decay_header="λ" if scheduled else "weight_decay",
+            )
             lines = "".join(f"\n{line}" for line in extra or () if line)
             rank_zero_info(f"lightning-adamw parameter groups:\n{table}{lines}")
         shown = [{**g, "weight_decay": g[BASE_KEY]} if BASE_KEY in g else g for g in groups]

@@ -48,10 +48,49 @@ def _fmt_setting(value: Any) -> str:
     return text if len(text) <= 80 else f"{text[:77]}..."
 
 
+def _passed_arguments(cls: type, args: tuple[Any, ...], kwargs: dict[str, Any]) -> frozenset[str] | None:
+    """The names of the ``__init__`` arguments a call passes (keywords gathered by ``**kwargs`` by their own
+    names), or ``None`` when its signature cannot bind them."""
+    try:
+        signature = inspect.signature(cls.__init__)
+        bound = signature.bind_partial(None, *args, **kwargs)  # (None stands for self)
+    except (TypeError, ValueError):
+        return None
+    names: set[str] = set()
+    for name, value in list(bound.arguments.items())[1:]:
+        kind = signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            names.update(value)
+        elif kind is not inspect.Parameter.VAR_POSITIONAL:
+            names.add(name)
+    return frozenset(names)
+
+
 class AdamWSettings:
     """The settings half of :class:`~lightning_adamw.mixin.DecoupledWeightDecayMixin` (its base class)."""
 
     adamw_defaults: ClassVar[dict[str, Any]] = {}
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        # Which __init__ arguments the caller passed (save_hyperparameters() records the defaults too, so a value
+        # equal to its default is otherwise indistinguishable from one not given): read by
+        # :meth:`argument_passed`. Recorded here, not by wrapping __init__, which would hide the outer __init__
+        # frames from save_hyperparameters().
+        following = super().__new__
+        instance = following(cls) if following is object.__new__ else following(cls, *args, **kwargs)
+        instance.__dict__["_lightning_adamw_passed"] = _passed_arguments(cls, args, kwargs)
+        return instance
+
+    def argument_passed(self, name: str) -> bool | None:
+        """Whether the code that made this module passed ``name`` to its ``__init__`` (also with its default
+        value); ``None`` when unknown (a module restored by unpickling, a call the signature cannot bind, or one
+        made by the ``lightning-adamw`` command, which passes every argument and checks the options itself)."""
+        passed = self.__dict__.get("_lightning_adamw_passed")
+        return None if passed is None else name in passed
+
+    def forget_passed_arguments(self) -> None:
+        """Mark the passed arguments unknown (:meth:`argument_passed`): for a caller that passes every argument."""
+        self.__dict__["_lightning_adamw_passed"] = None
 
     def adamw_setting(self, name: str, default: Any = _MISSING) -> Any:
         """A setting: the module's attribute, then ``self.hparams``, then ``default`` / :attr:`adamw_defaults`.

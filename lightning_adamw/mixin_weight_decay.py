@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.optim import Optimizer
 
 from lightning_adamw.weight_decay import (
@@ -80,11 +80,24 @@ def check_decay_options(module: Any) -> str | None:
         ValueError: two of them given (naming both), or a timescale that is not a positive number.
     """
     explicit = module.setting_given("weight_decay")
-    return check_timescale_options(
+    source = check_timescale_options(
         module.adamw_setting("weight_decay") if explicit else None,
         module.adamw_setting("ema_timescale_epochs"),
         module.adamw_setting("ema_timescale_fraction"),
     )
+    if source in _TIMESCALE_OPTIONS and not explicit and module.argument_passed("weight_decay"):
+        # passed on purpose, but equal to the __init__ default: as good as not given, so the timescale sets λ;
+        # say so rather than quietly train with another λ than the one written
+        if not module.__dict__.get("_lightning_adamw_said_passed_default"):
+            module.__dict__["_lightning_adamw_said_passed_default"] = True
+            value = module.adamw_setting("weight_decay")
+            rank_zero_warn(
+                f"lightning-adamw: `weight_decay={value!r}` was passed to {type(module).__name__}, but it equals"
+                f" the default of its __init__ and `{source}` is given too: λ is set from `{source}` (see the"
+                f" group table), not {value!r}. Pass only one of them: both given is otherwise an error.",
+                category=UserWarning,
+            )
+    return source
 
 
 def steps_per_epoch(trainer: Any, module: Any) -> float | None:
@@ -232,7 +245,9 @@ def _check_independent(module: Any, scheduler: WeightDecayScheduler, decay_sourc
         # (None leaves λ to the optimizer's own default: what the groups hold now is what it would use)
         used = value if value is not None else (rows[0]["base_weight_decay"] if rows else None)
         default = f"the default {value!r}" if value is not None else "None, the optimizer's own default"
-        shrink = f" would shrink the weights by {float(used):.0%} every step" if used is not None else ""
+        shrink = (
+            f" would shrink the weights by {_percent(float(used))} every step" if used is not None else ""
+        )
         raise ValueError(
             f"`weight_decay_schedule` 'independent' takes λ as the per-step decay at the peak lr (typically 1e-5 "
             f"to 1e-3), and `weight_decay` is not given ({default}{shrink}): give `weight_decay` in per-step "
@@ -246,11 +261,17 @@ def _check_independent(module: Any, scheduler: WeightDecayScheduler, decay_sourc
         lr_max = row["lr_max"] or row["lr"]
         raise ValueError(
             f"`weight_decay_schedule` 'independent' takes λ as the per-step decay at the peak lr, and {where} "
-            f"is {lam:g} for group {row['name']!r}: the weights would shrink by {lam:.0%} every step (timescale "
+            f"is {lam:g} for group {row['name']!r}: the weights would shrink by {_percent(lam)} every step (timescale "
             f"{1 / lam:.3g} steps). If {lam:g} is in torch's units, the per-step λ is {lam:g}·lr_max = "
             f"{lam * lr_max:.3g}: give that, or use `ema_timescale_epochs` / `ema_timescale_fraction` "
             f"(a per-step λ of at least {INDEPENDENT_LIMIT:g} is refused)"
         )
+
+
+def _percent(fraction: float) -> str:
+    """``0.001`` as ``0.1%``, ``0.05`` as ``5%``, ``2.0`` as ``200%``: never a misleading ``0%``."""
+    percent = 100.0 * fraction
+    return f"{percent:.0f}%" if abs(percent) >= 10 else f"{percent:.2g}%"
 
 
 def refresh_total_steps(module: Any, optimizer: Optimizer) -> None:

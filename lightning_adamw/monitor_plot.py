@@ -59,12 +59,23 @@ def cooldown(history: History) -> tuple[float, float] | None:
     return None
 
 
+def _log_axis(ax: Any) -> None:
+    """A log y axis whose ticks are labelled at 1, 2 and 5 times powers of ten: a series that spans less than a
+    decade (a ratio moving by 20 %) still gets labelled ticks, so its scale can be read (with major ticks only
+    at powers of ten it got none, and a small change filled the panel like a rise of decades). No minor ticks:
+    they cost as much again as the rest of the draw."""
+    from matplotlib.ticker import LogFormatterSciNotation, LogLocator, NullLocator
+
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(LogLocator(base=10.0, subs=(1.0, 2.0, 5.0), numticks=12))
+    ax.yaxis.set_major_formatter(LogFormatterSciNotation(base=10.0, labelOnlyBase=False))
+    ax.yaxis.set_minor_locator(NullLocator())
+
+
 def _grad_to_weight_panel(ax: Any, history: History, span: tuple[float, float] | None) -> None:
     """``‖g‖/‖w‖`` of every group that reports it, the lr cooldown shaded: a late rise of the gradient norm under
     constant decay (Defazio et al., 2025), or its absence under ``"adamc"``, is visible at a glance. Groups
     without decay are drawn thin; the SGD steady state ``√(2λ/lr)`` (Van Laarhoven, 2017) dashed."""
-    from matplotlib.ticker import NullLocator
-
     for key in sorted(history):
         series = history[key]
         xs, ys = _series(series, "grad_to_weight")
@@ -77,8 +88,7 @@ def _grad_to_weight_panel(ax: Any, history: History, span: tuple[float, float] |
             ax.plot(eq_x, eq_y, linestyle="--", color=line.get_color(), label=f"{key} steady state √(2λ/lr)")
     if span is not None:
         ax.axvspan(*span, color="tab:orange", alpha=0.12, label="lr cooldown")
-    ax.set_yscale("log")
-    ax.yaxis.set_minor_locator(NullLocator())
+    _log_axis(ax)
     ax.set_ylabel("‖g‖ / ‖w‖")
     ax.set_title("gradient-to-weight ratio per group")
 
@@ -95,7 +105,6 @@ def plot_history(history: History, title: str | None = None, fit_starts: Sequenc
     ``fit_starts``: x positions where a later fit of the same monitor began (a dashed vertical line each).
     """
     from matplotlib.figure import Figure
-    from matplotlib.ticker import NullLocator
 
     groups = sorted(history)
     ratio_panel = any(_series(series, "grad_to_weight")[0] for series in history.values())
@@ -136,8 +145,7 @@ def plot_history(history: History, title: str | None = None, fit_starts: Sequenc
                     label="decay / gradient",
                     **_marker(xs),
                 )
-                twin.set_yscale("log")
-                twin.yaxis.set_minor_locator(NullLocator())
+                _log_axis(twin)
                 twin.set_ylabel("ratio")
                 twin.legend(loc="lower right", fontsize="small")
             decay = [v for _, v in series.get("decay_norm", [])]
@@ -169,8 +177,7 @@ def plot_history(history: History, title: str | None = None, fit_starts: Sequenc
                 if xs:
                     ax.plot(xs, ys, **_STYLES[name], **_marker(xs))
             ax.set_ylabel("norm")
-        ax.set_yscale("log")
-        ax.yaxis.set_minor_locator(NullLocator())
+        _log_axis(ax)
         ax.set_title(key)
         _finish(ax, fit_starts)
     axes[-1].set_xlabel("optimizer step")

@@ -58,3 +58,35 @@ def test_no_cooldown_while_the_lr_rises_or_stays() -> None:
     # (an old history without lr or grad_to_weight draws as before: no ratio panel)
     fig: Any = plot_history({"adamw/decay": {"decay_norm": [[0.0, 1.0]], "grad_update_norm": [[0.0, 2.0]]}})
     assert [ax.get_title() for ax in fig.get_axes() if ax.get_title()] == ["adamw/decay"]
+
+
+def test_every_log_axis_has_labelled_ticks_even_within_a_decade() -> None:
+    """A decay/gradient ratio moving by 23 % (0.00143 -> 0.00176) and norms within one decade: each log axis
+    gets labelled ticks, so a small change cannot read as a rise of decades (there were none below a decade)."""
+    steps = [0.0, 2.0, 4.0]
+    history = {
+        "adamw/decay": {
+            "decay_norm": [[s, v] for s, v in zip(steps, [1.1e-4, 1.2e-4, 1.3e-4], strict=True)],
+            "grad_update_norm": [[s, v] for s, v in zip(steps, [7.7e-2, 7.3e-2, 7.4e-2], strict=True)],
+            "decay_to_grad_ratio": [[s, v] for s, v in zip(steps, [1.43e-3, 1.64e-3, 1.76e-3], strict=True)],
+            "grad_to_weight": [[s, v] for s, v in zip(steps, [0.31, 0.28, 0.3], strict=True)],
+        },
+        "adamw/no_decay": {
+            "grad_update_norm": [[s, v] for s, v in zip(steps, [2.0e-2, 2.2e-2, 2.1e-2], strict=True)],
+            "decay_norm": [[s, 0.0] for s in steps],
+        },
+    }
+    fig: Any = plot_history(history)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig).draw()
+    for ax in fig.axes:
+        if not ax.lines:
+            continue
+        low, high = ax.get_ylim()
+        labels = [
+            t.get_text()
+            for t in ax.yaxis.get_ticklabels()
+            if t.get_text() and low <= t.get_position()[1] <= high
+        ]
+        assert labels, f"axis {ax.get_title() or ax.get_ylabel()!r} ({low:.3g}..{high:.3g}) has no tick label"

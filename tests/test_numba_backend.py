@@ -136,7 +136,9 @@ def test_warm_up_compiles_in_the_background_once_per_dtype() -> None:
     dtype = torch.float16  # (the other tests of this process sum float32, bfloat16 and float64 tensors)
     numba_backend._WARMED.discard((dtype,) * 4)
     thread = numba_backend.warm_up([dtype, torch.int64])  # (an integer dtype is not a parameter dtype here)
-    assert thread is not None and not thread.daemon  # (the process waits for it: no abort inside LLVM at exit)
+    assert (
+        thread is not None and not thread.daemon
+    )  # (the process waits for it: no abort inside LLVM at exit)
     thread.join(timeout=120)
     like = _numba_kernel.element_type(dtype)
     assert any(sig[9:13] == (numba_typeof(like),) * 4 for sig in _numba_kernel.adamw_piece_sums.signatures)

@@ -188,6 +188,8 @@ def test_table_names_the_schedule_lambda_torch_value_and_timescale(tmp_path: Pat
         fit(Net(weight_decay_schedule="adamc"), tmp_path, max_steps=2)
     text = "\n".join(r.getMessage() for r in caplog.records)
     assert "weight decay schedule: adamc (λ·lr_t/lr_max, lr_max=0.01) on groups decay" in text
+    # the first table's decay column is λ (the optimizer's weight_decay is another number under a schedule)
+    assert any(line.split()[:3] == ["group", "λ", "tensors"] for line in text.splitlines())
     assert "weight_decay_schedule='adamc' (hparams.weight_decay_schedule)" in text
     # decay: λ 0.1, torch value at step 0 = 0.1·(1/3), τ = 1/(0.01·0.1) = 1000 steps = 250 epochs = 500 runs.
     row = next(line.split() for line in text.splitlines() if line.startswith("decay ") and "1000" in line)
@@ -327,3 +329,20 @@ def test_own_configure_optimizers_gets_the_schedule_too(tmp_path: Path) -> None:
     assert "lightning_adamw_weight_decay_scheduler" in optimizer.state_dict()
     with pytest.raises(ValueError, match="already has a WeightDecayScheduler"):
         ByHand(weight_decay_schedule="adamc").configure_optimizers()
+
+
+def test_an_explicit_weight_decay_equal_to_the_default_is_not_silently_replaced(tmp_path: Path) -> None:
+    """``Net(weight_decay=0.1, ema_timescale_fraction=0.5)`` with 0.1 the ``__init__`` default: the hparams
+    cannot tell it from not given, so the timescale sets λ — and a warning names both options and the value
+    passed (an explicit value that differs from the default is an error, tested above)."""
+    with pytest.warns(UserWarning, match=r"`weight_decay=0.1` was passed to Net, but it equals the default"):
+        trainer, _ = fit(Net(weight_decay=0.1, ema_timescale_fraction=0.5), tmp_path)
+    assert trainer.optimizers[0].param_groups[0]["weight_decay"] != 0.1  # λ from the timescale, as said
+    # not passed at all: no warning (the usual way to use a timescale)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        model = Net(ema_timescale_fraction=0.5)
+        assert model.argument_passed("weight_decay") is False
+        assert model.argument_passed("ema_timescale_fraction") is True

@@ -243,7 +243,10 @@ class AdamWCLI(LightningCLI):
 
     def after_instantiate_classes(self) -> None:
         """Hand a top-level ``--weight_decay_schedule`` to the model (it wins over nothing: both given is a parse
-        error)."""
+        error); the model's record of passed arguments is dropped (see ``AdamWSettings.argument_passed``)."""
+        if isinstance(getattr(self, "model", None), DecoupledWeightDecayMixin):
+            # jsonargparse passes every argument, defaults too: which ones the user gave is the CLI's to check
+            self.model.forget_passed_arguments()
         config_init = getattr(self, "config_init", None)  # absent when a subclass builds nothing
         value = self._get(config_init, "weight_decay_schedule") if config_init is not None else None
         if value is not None and isinstance(getattr(self, "model", None), DecoupledWeightDecayMixin):

@@ -35,9 +35,13 @@ def describe_param_groups(
     decisions: Sequence[ParamDecision] | None = None,
     max_rows_per_reason: int = 4,
     group_prefix: str | None = None,
+    decay_header: str = "weight_decay",
     **options: Any,
 ) -> str:
     """A human-readable table of the groups: size of each group and which rule put which tensor there.
+
+    ``decay_header`` names the decay column (``"λ"`` where a weight-decay schedule makes the optimizer's
+    ``weight_decay`` another number than the λ shown).
 
     Pass the same ``module`` and options as to :func:`~lightning_adamw.build_param_groups` (``include_frozen``,
     ``group_prefix``, ``group_overrides``, ``layer_decay``, ...), or ready ``decisions`` from
@@ -58,13 +62,13 @@ def describe_param_groups(
         check_weight_decay(weight_decay)
         decisions = classify_parameters(module, **options)
     if any(d.subgroup for d in decisions):
-        return _describe_split(decisions, weight_decay, prefix, max_rows_per_reason)
+        return _describe_split(decisions, weight_decay, prefix, max_rows_per_reason, decay_header)
     sizes = group_sizes(decisions)
     frozen = [d for d in decisions if d.frozen]
     total = sum(s["params"] for s in sizes.values()) or 1
     width = max(9, *(len(group_name(g, prefix)) for g in (DECAY, NO_DECAY)))
     lines: list[str] = []
-    header = f"{'group':<{width}} {'weight_decay':>12} {'tensors':>8} {'params':>10} {'share':>7}"
+    header = f"{'group':<{width}} {decay_header:>12} {'tensors':>8} {'params':>10} {'share':>7}"
     if frozen:
         header += f" {'frozen':>7}"
     lines += [header, "-" * len(header)]
@@ -117,7 +121,11 @@ def _frozen_line(frozen: list[ParamDecision], max_rows: int) -> list[str]:
 
 
 def _describe_split(
-    decisions: Sequence[ParamDecision], weight_decay: float | None, prefix: str | None, max_rows: int
+    decisions: Sequence[ParamDecision],
+    weight_decay: float | None,
+    prefix: str | None,
+    max_rows: int,
+    decay_header: str = "weight_decay",
 ) -> str:
     members: dict[tuple[str, str], list[ParamDecision]] = {}
     for d in decisions:
@@ -128,7 +136,7 @@ def _describe_split(
     with_depth = any(d.depth is not None for d in decisions)
     total = sum(d.numel for d in decisions) or 1
     width = max(9, *(len(n) for n in names.values()))
-    header = f"{'group':<{width}} {'lr_scale':>9} {'weight_decay':>12}"
+    header = f"{'group':<{width}} {'lr_scale':>9} {decay_header:>12}"
     if with_depth:
         header += f" {'depth':>5}"
     header += f" {'tensors':>8} {'params':>10} {'share':>7}"

@@ -112,9 +112,11 @@ def check_timescale_options(
         if v is not None
     }
     if len(given) > 1:
+        names = [f"`{k}`" for k in given]
+        both = " and ".join(names) + (" are both given" if len(names) == 2 else " are all given")
         raise ValueError(
-            f"{' and '.join(f'`{k}`' for k in given)} are both given: they are three ways to set the same "
-            "decay (λ = 1/(lr·τ)); give only one"
+            f"{both}: each sets the same decay (λ = 1/(lr·τ) for a timescale τ), so give only one of"
+            " `weight_decay`, `ema_timescale_epochs` and `ema_timescale_fraction`"
         )
     for option in ("ema_timescale_epochs", "ema_timescale_fraction"):
         if option in given:
