@@ -122,6 +122,15 @@ def test_two_ways_to_set_the_decay_is_an_error_naming_both(given: dict[str, floa
         check_timescale_options(**given)
     with pytest.raises(ValueError, match=f"{names} are both given"):
         resolve_weight_decay(1e-3, steps_per_epoch=10, total_steps=100, **given)
+    with pytest.raises(ValueError) as raised:
+        check_timescale_options(**given)
+    assert "three ways" not in str(raised.value)  # (two were given: the message once said "three ways")
+
+
+def test_all_three_given_is_an_error_naming_all() -> None:
+    with pytest.raises(ValueError, match="`weight_decay` and `ema_timescale_epochs` and `ema_timescale_fraction` are"
+                       " all given"):  # fmt: skip
+        check_timescale_options(weight_decay=0.1, ema_timescale_epochs=2.0, ema_timescale_fraction=0.2)
 
 
 def test_check_timescale_options_says_which_and_validates_early() -> None:
