@@ -326,11 +326,14 @@ class WeightDecayMonitor(Callback):
                 self._warn_once(f"generic-{name}", generic_optimizer_message(optimizer))
                 self._handles.append(optimizer.register_step_pre_hook(self._make_pre_hook(k)))
             self._handles.append(optimizer.register_step_post_hook(self._make_post_hook(k)))
-        # Numba's import and the CPU kernel's load (about half a second, once per process): done while it trains
-        numba_backend.warm_up(
-            {p.dtype for o in optimizers if is_adam_family(o) for g in o.param_groups for p in g["params"]
-             if p.device.type == "cpu"}
-        )  # fmt: skip
+        # Numba's import and the CPU kernel's load (about half a second, once per process): done while it trains,
+        # but not beside the collectives of a multi-process run (two ranks of short gloo DDP runs aborted there,
+        # "terminate called without an active exception"; the first logging step then loads it itself)
+        if self._mode == "single":
+            numba_backend.warm_up(
+                {p.dtype for o in optimizers if is_adam_family(o) for g in o.param_groups for p in g["params"]
+                 if p.device.type == "cpu"}
+            )  # fmt: skip
         self._timescale_metrics, messages = timescale_facts(
             optimizers, total_steps(trainer, self._manual), self._steps_per_epoch
         )

@@ -152,6 +152,14 @@ def build_layout(items: Sequence[TensorWork], span: int = SPAN) -> list[NumbaGro
 
 
 _WARMED: set[tuple[torch.dtype, ...]] = set()
+_WARM_UP_THREADS: list[threading.Thread] = []
+
+
+def _wait_for_warm_up() -> None:
+    """Let a running :func:`warm_up` finish before this thread uses Numba: never two threads of a process in
+    Numba's compiler and LLVM at once."""
+    while _WARM_UP_THREADS:
+        _WARM_UP_THREADS.pop().join()
 
 
 def warm_up(dtypes: Sequence[torch.dtype]) -> threading.Thread | None:
@@ -199,6 +207,7 @@ def warm_up(dtypes: Sequence[torch.dtype]) -> threading.Thread | None:
     # 4-step DDP rank).
     thread = threading.Thread(target=job, name="lightning-adamw-numba-warm-up", daemon=False)
     thread.start()
+    _WARM_UP_THREADS.append(thread)
     return thread
 
 
@@ -268,6 +277,7 @@ class NumbaBackend:
         return build_layout(items, SPAN if chunk_numel is None else max(1, min(int(chunk_numel), SPAN)))
 
     def add_sums(self, prepared: list[NumbaGroup], request: SumsRequest, tables: Tables) -> None:
+        _wait_for_warm_up()
         from lightning_adamw.update_split.backends import _numba_kernel as kernel  # imports Numba
 
         num_items = len(request.items)
