@@ -15,16 +15,15 @@ are read at every call. The pieces are summed by ``torch.get_num_threads()`` thr
 or in the calling thread for a small model.
 
 Numba is imported only when this backend first runs, or by :func:`warm_up` in a background thread (the monitor
-calls it when training starts). Compiling the kernel takes a few seconds the first time on a machine; Numba
-caches it on disk (next to the package, or in the user's cache directory), and a later process loads it in about
-half a second (``benchmarks/RESULTS.md``), which :func:`warm_up` takes off the training thread. Without Numba installed, or with ``LIGHTNING_ADAMW_NUMBA=0``, ``packed`` sums these
-tensors instead. A failure to compile or run is a backend failure: the plan is rebuilt without it (same numbers).
+starts it when a single-process fit starts). Compiling the kernel takes a few seconds the first time on a
+machine; Numba caches it on disk (next to the package, or in the user's cache directory), and a later process
+loads it in about half a second (``benchmarks/RESULTS.md``). Without Numba installed, or with
+``LIGHTNING_ADAMW_NUMBA=0``, ``packed`` sums these tensors instead. A failure to compile or run is a backend
+failure: the plan is rebuilt without it (same numbers).
 """
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import itertools
 import os
 import threading
@@ -36,6 +35,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lightning_adamw.update_split.backends._kernels import KNOWN_DTYPES, installed, readable_grads
+from lightning_adamw.update_split.backends._kernels import switched_off as env_switched_off
 from lightning_adamw.update_split.contract import (
     SUM_COLUMNS,
     Col,
@@ -53,25 +54,20 @@ ENV = "LIGHTNING_ADAMW_NUMBA"
 SPAN = 1 << 18
 #: A thread takes at least this many elements (fewer are summed faster than a thread is woken)
 _MIN_PER_THREAD = 1 << 19
-_KNOWN = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_KNOWN = KNOWN_DTYPES
 _COLUMNS = SUM_COLUMNS["adamw"]
 assert _COLUMNS == (Col.N, Col.B, Col.E, Col.S, Col.G, Col.R, Col.RD)
 _G = _COLUMNS.index(Col.G)
 
 
-@functools.cache
-def _installed() -> bool:
-    return importlib.util.find_spec("numba") is not None
-
-
 def switched_off() -> bool:
     """Whether ``LIGHTNING_ADAMW_NUMBA`` turns this backend off."""
-    return os.environ.get(ENV, "1").strip().lower() in ("0", "false", "no", "off")
+    return env_switched_off(ENV)
 
 
 def available() -> bool:
     """Whether this backend can run: Numba installed and not switched off. Does not import Numba."""
-    return _installed() and not switched_off()
+    return installed("numba") and not switched_off()
 
 
 def _supported(item: TensorWork) -> bool:
@@ -164,10 +160,11 @@ def _wait_for_warm_up() -> None:
 
 def warm_up(dtypes: Sequence[torch.dtype]) -> threading.Thread | None:
     """Import Numba and compile (or load from Numba's cache) the kernel for parameters, state and gradients of
-    each of ``dtypes``, in a background thread (which the process waits for when it exits): the first call of a process then does not wait for it (numba's
-    import and a cached kernel's load take about half a second). Returns the thread, or ``None`` when there is
-    nothing to do (not available, or done before). A call that comes while it runs waits for it (Numba's
-    compiler lock); an error there is left to that call, which reports it as a backend failure."""
+    each of ``dtypes``, in a background thread, so that the first call of a process need not (Numba's import and
+    a cached kernel's load take about half a second). The process waits for the thread when it exits. Returns
+    the thread, or ``None`` when there is nothing to do (not available, or done before). A call that comes
+    while it runs first waits for it (:func:`_wait_for_warm_up`); an error there is left to that call, which
+    reports it as a backend failure."""
     keys = [(d,) * 4 for d in dict.fromkeys(dtypes) if d in _KNOWN]
     todo = [k for k in keys if k not in _WARMED]
     if not todo or not available():
@@ -246,22 +243,14 @@ def _ranges(group: NumbaGroup) -> list[tuple[int, int]]:
 
 def _grad_addresses(group: NumbaGroup, grads: Sequence[Tensor]) -> tuple[np.ndarray, Tensor, list[Tensor]]:
     """The element addresses of each piece's gradient, an empty tensor of their dtype, and the tensors behind
-    them (to keep alive while the kernel runs). Gradients that are not contiguous or do not share one dtype the
-    kernel knows are copied (contiguous float32: a rare layout, exact for every half-precision gradient)."""
+    them (to keep alive while the kernel runs), read as :func:`readable_grads` gives them."""
     used = sorted(set(group.piece_item.tolist()))
-    mine = {j: grads[j] for j in used}
-    dtypes = {g.dtype for g in mine.values()}
-    if (
-        len(dtypes) != 1
-        or not dtypes <= set(_KNOWN)
-        or not all(g.is_contiguous() and g.device.type == "cpu" for g in mine.values())
-    ):
-        mine = {j: g.to(device="cpu", dtype=torch.float32).contiguous() for j, g in mine.items()}
+    kept = readable_grads([grads[j] for j in used], torch.device("cpu"))
     base = np.zeros(max(used) + 1 if used else 0, dtype=np.int64)
-    for j, g in mine.items():
+    for j, g in zip(used, kept, strict=True):
         base[j] = g.data_ptr()
-    like = next(iter(mine.values())) if mine else torch.empty(0)
-    return base[group.piece_item] + group.piece_start * like.element_size(), like, list(mine.values())
+    like = kept[0] if kept else torch.empty(0)
+    return base[group.piece_item] + group.piece_start * like.element_size(), like, kept
 
 
 class NumbaBackend:

@@ -28,8 +28,6 @@ and under ``TRITON_INTERPRET=1`` on CPU tensors too, which is how the test suite
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -38,6 +36,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_adamw.update_split.backends._kernels import KNOWN_DTYPES, installed, readable_grads
+from lightning_adamw.update_split.backends._kernels import switched_off as env_switched_off
 from lightning_adamw.update_split.contract import (
     NUM_COLUMNS,
     Col,
@@ -68,28 +68,22 @@ FUSED_SPAN = 16384
 FUSED_BLOCK = 1024
 #: ``LIGHTNING_ADAMW_TRITON=0`` (or ``false``, ``no``, ``off``) keeps the kernel out of the automatic choice
 ENV = "LIGHTNING_ADAMW_TRITON"
-_KNOWN = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_KNOWN = KNOWN_DTYPES
 
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.cache
-def _installed() -> bool:
-    # (a fact of the installation, looked up once: find_spec scans sys.path)
-    return importlib.util.find_spec("triton") is not None
-
-
 def switched_off() -> bool:
     """Whether ``LIGHTNING_ADAMW_TRITON`` turns the kernel off."""
-    return os.environ.get(ENV, "1").strip().lower() in ("0", "false", "no", "off")
+    return env_switched_off(ENV)
 
 
 def available(device: torch.device) -> bool:
     """Whether the kernel can run on ``device``: CUDA with Triton installed (or any CPU tensor under
     ``TRITON_INTERPRET=1``), unless ``LIGHTNING_ADAMW_TRITON=0``. Does not import Triton."""
-    if switched_off() or not _installed():
+    if switched_off() or not installed("triton"):
         return False
     if device.type == "cuda":
         return not _interpreting()
@@ -194,11 +188,7 @@ def grad_pointers(group: FusedGroup, grads: Sequence[Tensor]) -> tuple[Tensor, t
     kernel has run. Gradients that are not contiguous, or do not share one dtype the kernel knows, are copied
     (contiguous, float32: a rare layout, exact for every half-precision gradient). The table is reused while
     the pointers are unchanged (the caching allocator often hands out the same blocks)."""
-    dtypes = {g.dtype for g in grads}
-    if len(dtypes) == 1 and dtypes <= set(_KNOWN) and all(g.is_contiguous() for g in grads):
-        kept = list(grads)
-    else:
-        kept = [g.to(torch.float32).contiguous() for g in grads]
+    kept = readable_grads(grads, group.device)
     key = tuple(g.data_ptr() for g in kept)
     if group.grad_ptrs is None or group.grad_ptrs[0] != key:
         group.grad_ptrs = (key, host_to(list(key), torch.int64, group.device))
